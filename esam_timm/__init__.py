@@ -1,2 +1,23 @@
-"""esam-timm: Efficient Sharpness-Aware Minimization (ESAM, Du et al., ICLR 2022) for timm."""
+"""esam-timm: Efficient Sharpness-Aware Minimization (ESAM, Du et al., ICLR 2022) for timm.
+
+Importing the package registers ``esam`` and ``sam`` in timm's optimizer factory, so
+``timm.optim.create_optimizer_v2(model, 'esam', ...)`` and ``--opt esam`` work.
+"""
+from .registry import check_timm_version as _check_timm_version
+
+_check_timm_version()
+
+from .losses import PerSampleBinaryCrossEntropy, PerSampleCrossEntropy, create_per_sample_loss, per_sample_loss
+from .optim import ESAM, SAM, find_sam
+from .registry import register_optimizers
+from .selection import get_selection_rule, num_selected, register_selection_rule
+from .step import train_step
+
+register_optimizers()
+
 __version__ = '0.1.0'
+__all__ = [
+    'ESAM', 'SAM', 'find_sam', 'train_step', 'register_optimizers', 'create_per_sample_loss',
+    'per_sample_loss', 'PerSampleCrossEntropy', 'PerSampleBinaryCrossEntropy', 'num_selected',
+    'get_selection_rule', 'register_selection_rule',
+]

@@ -1,0 +1,247 @@
+"""The ESAM optimizer: a wrapper that owns the ascent (perturb / restore) around any base optimizer.
+
+ESAM (Du et al., ICLR 2022) is SAM with two savings. This module holds the part that only needs the
+parameters: Stochastic Weight Perturbation (SWP, the per-tensor draw that decides which tensors get an
+ascent gradient) and the ascent itself, ``w -> w + e`` and back by copy. The passes over the data
+(forward/backward, sharpness-sensitive data selection, AMP, DDP) live in :mod:`esam_timm.step`.
+
+Like timm's ``Lookahead``, the wrapper shares its base optimizer's ``param_groups`` and ``state``, so
+LR schedulers, ``zero_grad`` and GradScaler work on it unchanged, and ``state_dict()`` is the base
+optimizer's plus an ``'esam'`` entry with the SWP generator state.
+"""
+import contextlib
+import math
+from typing import Any, Dict, Iterator, List, Optional, Type, Union
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ['ESAM', 'SAM', 'find_sam']
+
+ASCENT_EPS = 1e-7  # added to the gradient norm, as in the released code
+
+ParamsT = Union[Iterator[torch.Tensor], Iterator[Dict[str, Any]], List[Any]]
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+        raise ValueError(f'ESAM {name}={value!r} is invalid: it must be a share in (0, 1].')
+    return float(value)
+
+
+def _create_base_optimizer(
+        params: ParamsT,
+        base_optimizer: Union[str, Type[Optimizer]],
+        lr: Optional[float],
+        weight_decay: float,
+        momentum: float,
+        foreach: Optional[bool],
+        kwargs: Dict[str, Any],
+) -> Optimizer:
+    """Build the base optimizer: a timm registry name goes through timm's own factory (its kwargs
+    filtering and per-name defaults, e.g. Nesterov for 'sgd'); a class is called directly."""
+    if isinstance(base_optimizer, str):
+        from timm.optim import list_optimizers
+        from timm.optim._optim_factory import default_registry
+        name = base_optimizer.lower()
+        if name in ('esam', 'sam') or '_' in name or name not in default_registry.list_optimizers():
+            valid = [n for n in list_optimizers() if n not in ('esam', 'sam')]
+            raise ValueError(
+                f'Unknown ESAM base_optimizer {base_optimizer!r}: use a timm optimizer name '
+                f'(one of {", ".join(valid)}) or a torch.optim.Optimizer class.')
+        return default_registry.create_optimizer(
+            params, name, lr=lr, weight_decay=weight_decay, momentum=momentum, foreach=foreach, **kwargs)
+    if isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+        if lr is not None:
+            kwargs['lr'] = lr
+        return base_optimizer(params, weight_decay=weight_decay, **kwargs)
+    raise ValueError(
+        f'ESAM base_optimizer={base_optimizer!r} is invalid: use a timm optimizer name (str) '
+        f'or a torch.optim.Optimizer subclass.')
+
+
+class ESAM(Optimizer):
+    """Efficient Sharpness-Aware Minimization around a base optimizer.
+
+    Args:
+        params: parameters or parameter groups (as for any torch optimizer).
+        base_optimizer: a timm optimizer name ('sgd', 'momentum', 'adamw', 'lamb', ...), built through
+            timm's factory with timm's meaning of the name, or a ``torch.optim.Optimizer`` class.
+        rho: ascent radius; ``||e|| = rho / beta`` (the released code's scaling, which the paper's rho
+            values assume).
+        beta: SWP keep probability: each parameter tensor is drawn into the ascent with probability beta.
+        gamma: SDS share of the batch used for the second forward/backward (k = max(1, round(gamma*B))).
+        adaptive: ASAM-style ascent ``e = rho * w^2 g / ||w g|| / beta``.
+        seed: seed of the dedicated SWP generator; every DDP rank must use the same seed.
+        lr, weight_decay, momentum, foreach, **kwargs: passed to the base optimizer (timm filters
+            those the base optimizer does not take, e.g. momentum for AdamW).
+
+    The ascent is run by :func:`esam_timm.train_step`; a custom loop can drive it by hand with
+    :meth:`swp_subset`, :meth:`perturb`, :meth:`restore` and then :meth:`step`.
+    """
+
+    def __init__(
+            self,
+            params: ParamsT,
+            base_optimizer: Union[str, Type[Optimizer]] = 'sgd',
+            rho: float = 0.05,
+            beta: float = 1.0,
+            gamma: float = 1.0,
+            adaptive: bool = False,
+            seed: int = 0,
+            lr: Optional[float] = None,
+            weight_decay: float = 0.0,
+            momentum: float = 0.9,
+            foreach: Optional[bool] = None,
+            **kwargs: Any,
+    ) -> None:
+        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+            raise ValueError(f'ESAM rho={rho!r} is invalid: it must be a finite number > 0.')
+        self.rho = float(rho)
+        self.beta = _check_fraction('beta', beta)
+        self.gamma = _check_fraction('gamma', gamma)
+        self.adaptive = bool(adaptive)
+        self.base_optimizer = _create_base_optimizer(
+            params, base_optimizer, lr, weight_decay, momentum, foreach, kwargs)
+        super().__init__(self.base_optimizer.param_groups, self.base_optimizer.defaults)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.generator = torch.Generator(device='cpu')
+        self.generator.manual_seed(seed)
+        self._backup: List[torch.Tensor] = []
+        self._perturbed: List[torch.Tensor] = []
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(rho={self.rho}, beta={self.beta}, gamma={self.gamma}, '
+                f'adaptive={self.adaptive}, base_optimizer={self.base_optimizer!r})')
+
+    @property
+    def is_second_order(self) -> bool:
+        return getattr(self.base_optimizer, 'is_second_order', False)
+
+    def _params(self) -> List[torch.Tensor]:
+        return [p for group in self.param_groups for p in group['params']]
+
+    @contextlib.contextmanager
+    def swp_subset(self) -> Iterator[List[torch.Tensor]]:
+        """Draw the SWP subset for one step and hide the other tensors from autograd while inside.
+
+        Each parameter tensor is kept with probability ``beta`` (a draw from :attr:`generator`, so every
+        rank draws the same subset). Inside the context the tensors not drawn have
+        ``requires_grad=False``: autograd skips their weight-gradient kernels in the first backward,
+        which is the compute SWP saves. On exit every tensor gets its own original flag back, so frozen
+        tensors stay frozen. Yields the drawn trainable tensors (possibly empty for tiny models).
+        """
+        params = self._params()
+        if self.beta >= 1.0:
+            yield [p for p in params if p.requires_grad]
+            return
+        keep = (torch.rand(len(params), generator=self.generator) < self.beta).tolist()
+        hidden = [p for p, k in zip(params, keep) if not k and p.requires_grad]
+        drawn = [p for p, k in zip(params, keep) if k and p.requires_grad]
+        try:
+            for p in hidden:
+                p.requires_grad_(False)
+            yield drawn
+        finally:
+            for p in hidden:
+                p.requires_grad_(True)
+
+    @torch.no_grad()
+    def perturb(self, skip_non_finite: bool = False) -> Dict[str, torch.Tensor]:
+        """Move to the ascent point ``w + e`` from the gradients now in ``.grad``, saving ``w`` first.
+
+        ``e = rho * g / (||g|| + 1e-7) / beta`` over the tensors that have a gradient (the SWP subset);
+        the others have ``e = 0``. The gradients are consumed (overwritten by ``e``). The loss scale of
+        an fp16 GradScaler cancels in ``g / ||g||``, so scaled gradients need no unscaling.
+
+        With ``skip_non_finite`` (fp16 under a GradScaler, where overflow is expected) a non-finite
+        gradient norm skips the ascent: this costs one host sync. Without it the step stays free of
+        host syncs and a non-finite norm yields a zero ascent scale.
+
+        Returns 0-dim tensors: ``grad_norm`` (of the ascent gradient), ``perturb_norm`` (||e||, in the
+        ``|w|``-scaled metric when adaptive) and ``perturb_skipped`` (1 when no ascent was made).
+        """
+        all_params = self._params()
+        params = [p for p in all_params if p.grad is not None]
+        if not params:
+            zero = torch.zeros((), device=all_params[0].device)
+            return {'grad_norm': zero, 'perturb_norm': zero, 'perturb_skipped': torch.ones_like(zero)}
+        grads = [p.grad for p in params]
+        if self.adaptive:
+            torch._foreach_mul_(grads, params)  # |w| g has the norm of w g
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        finite = torch.isfinite(grad_norm)
+        if skip_non_finite and not bool(finite):
+            return {'grad_norm': grad_norm, 'perturb_norm': torch.zeros_like(grad_norm),
+                    'perturb_skipped': torch.ones_like(grad_norm)}
+        scale = torch.where(finite, self.rho / self.beta / (grad_norm + ASCENT_EPS), 0.0)
+        if self.adaptive:
+            torch._foreach_mul_(grads, params)  # e = scale * w^2 g
+        torch._foreach_mul_(grads, scale)
+        self._backup = torch._foreach_clone(params)
+        self._perturbed = params
+        torch._foreach_add_(params, grads)
+        return {'grad_norm': grad_norm, 'perturb_norm': scale * grad_norm,
+                'perturb_skipped': (~finite).float()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Return the perturbed tensors to the saved ``w`` bitwise (a copy, not ``w + e - e``)."""
+        if self._perturbed:
+            torch._foreach_copy_(self._perturbed, self._backup)
+        self._perturbed, self._backup = [], []
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        """Apply the base optimizer's update with the gradient now in ``.grad`` (taken at ``w + e``).
+
+        The weights must already be restored (:func:`esam_timm.train_step` does it). Closures are not
+        accepted: SAM's two gradients come from different batches' passes that a closure cannot express.
+        """
+        if closure is not None:
+            raise ValueError(
+                'ESAM.step() takes no closure: run the ascent with esam_timm.train_step(), or by hand '
+                'with swp_subset() / perturb() / restore(), then call step().')
+        if self._perturbed:
+            raise RuntimeError('ESAM.step() called while the weights are perturbed: call restore() first.')
+        self.base_optimizer.step()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The base optimizer's state dict plus ``'esam'``: the SWP generator state (a uint8 tensor,
+        so it loads with ``torch.load(weights_only=True)``)."""
+        state = self.base_optimizer.state_dict()
+        state['esam'] = {'generator_state': self.generator.get_state()}
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state dict made by :meth:`state_dict` or by the plain base optimizer (the SWP
+        generator then keeps its current state)."""
+        state_dict = dict(state_dict)
+        esam_state = state_dict.pop('esam', None)
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        if esam_state is not None:
+            self.generator.set_state(esam_state['generator_state'])
+
+
+class SAM(ESAM):
+    """Plain SAM (Foret et al. 2020): ESAM with beta = gamma = 1 (every tensor perturbed, full batch)."""
+
+    def __init__(self, params: ParamsT, base_optimizer: Union[str, Type[Optimizer]] = 'sgd',
+                 rho: float = 0.05, beta: float = 1.0, gamma: float = 1.0, **kwargs: Any) -> None:
+        if beta != 1.0 or gamma != 1.0:
+            raise ValueError(
+                f'SAM takes beta=1 and gamma=1 (got beta={beta!r}, gamma={gamma!r}); use ESAM for '
+                f'other values.')
+        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+
+
+def find_sam(optimizer: Optimizer) -> Optional[ESAM]:
+    """Return the ESAM inside ``optimizer`` (itself, or under wrappers such as timm's Lookahead), else None."""
+    while optimizer is not None:
+        if isinstance(optimizer, ESAM):
+            return optimizer
+        optimizer = getattr(optimizer, '_base_optimizer', None)
+    return None

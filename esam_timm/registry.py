@@ -1,0 +1,50 @@
+"""Registration of ``esam`` and ``sam`` in timm's optimizer factory.
+
+After ``import esam_timm``, ``timm.optim.create_optimizer_v2(model, 'esam', ...)`` and timm-style
+scripts' ``--opt esam`` work, ``lookahead_esam`` included. The names carry no underscore because timm
+looks up only the last ``_``-separated token of an optimizer name.
+"""
+import re
+from typing import Tuple
+
+import timm
+
+from .optim import ESAM, SAM
+
+__all__ = ['MIN_TIMM_VERSION', 'check_timm_version', 'register_optimizers']
+
+MIN_TIMM_VERSION: Tuple[int, int, int] = (1, 0, 12)
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r'\d+', version)[:3])
+
+
+def check_timm_version(version: str = timm.__version__) -> None:
+    """Raise ImportError on a timm without the optimizer registry (added in timm 1.0.12)."""
+    if _version_tuple(version) < MIN_TIMM_VERSION:
+        needed = '.'.join(map(str, MIN_TIMM_VERSION))
+        raise ImportError(
+            f'esam-timm needs timm>={needed} (its optimizer registry); timm {version} is installed. '
+            f'Upgrade with: pip install "timm>={needed}"')
+
+
+def register_optimizers() -> None:
+    """Register ``esam`` and ``sam`` in timm's default optimizer registry (idempotent)."""
+    from timm.optim._optim_factory import OptimInfo, default_registry
+    # ESAM passes eps/betas/momentum on to the base optimizer, whose own OptimInfo filters them.
+    common = dict(has_eps=True, has_momentum=True, has_betas=True)
+    infos = (
+        OptimInfo(name='esam', opt_class=ESAM, description=(
+            'Efficient SAM (Du et al. 2022): stochastic weight perturbation (beta) and sharpness-'
+            'sensitive data selection (gamma) around any timm base optimizer (base_optimizer=...)'),
+            **common),
+        OptimInfo(name='sam', opt_class=SAM, description=(
+            'Sharpness-Aware Minimization (Foret et al. 2020) around any timm base optimizer '
+            '(base_optimizer=...); ESAM with beta = gamma = 1'), **common),
+    )
+    for info in infos:
+        if info.name in default_registry.list_optimizers(info.name):
+            if default_registry.get_optimizer_info(info.name).opt_class is info.opt_class:
+                continue
+        default_registry.register(info)

@@ -1,0 +1,243 @@
+"""The training step engine: one full parameter update for SGD-type, SAM and ESAM optimizers.
+
+ESAM's passes for one batch of size B, with k = max(1, round(gamma * B)):
+
+1. F1 + B1 on the full batch at ``w``; tensors outside the SWP draw have no weight gradient in B1.
+2. perturb: ``w -> w + e`` (:meth:`ESAM.perturb`).
+3. F2, no grad, on the full batch at ``w + e``: per-sample sharpness ``l_i(w+e) - l_i(w)``; skipped
+   when k == B (gamma = 1, i.e. SAM).
+4. SDS: a selection rule picks k samples (exact top-k by default).
+5. F3 + B3 on the selected samples at ``w + e``; restore ``w`` by copy; base optimizer step.
+
+What the engine gets right (see ``docs/esam-reference.md`` in the shared docs for why each matters):
+every forward opens its own autocast context (autocast caches casts of the weights for the life of one
+context); an fp16 GradScaler needs no unscale for the ascent, skips a non-finite ascent, and its
+``step`` sees restored weights; under DDP, F1/B1/F2 run in ``no_sync()`` so only B3 is all-reduced;
+F1 and F2 (and F3 when it covers the full batch) draw the same dropout / drop-path masks; BatchNorm
+running stats end the step as F1 left them (``bn_mode='clean'``) or as all passes left them
+(``bn_mode='all'``, the released code's behaviour); gradient clipping acts on the final gradient.
+"""
+import contextlib
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parallel import DistributedDataParallel
+from timm.utils import dispatch_clip_grad
+
+from .optim import ESAM, find_sam
+from .selection import SelectionRule, get_selection_rule, num_selected
+
+__all__ = ['train_step', 'BN_MODES', 'CLIP_MODES']
+
+BN_MODES = ('clean', 'all')
+CLIP_MODES = ('norm', 'value', 'agc')
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _RngFork:
+    """Saves the generator that dropout uses on ``device`` so a later forward can replay its draws."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.module = None if device.type == 'cpu' else torch.get_device_module(device.type)
+        self.index = device.index if device.index is not None else (
+            self.module.current_device() if self.module is not None else None)
+        self.start = self.get()
+
+    def get(self) -> torch.Tensor:
+        return torch.get_rng_state() if self.module is None else self.module.get_rng_state(self.index)
+
+    def set(self, state: torch.Tensor) -> None:
+        if self.module is None:
+            torch.set_rng_state(state)
+        else:
+            self.module.set_rng_state(state, self.index)
+
+
+def _running_stat_buffers(model: nn.Module) -> List[torch.Tensor]:
+    """Running-statistics buffers of the norm layers that update them in this forward."""
+    buffers = []
+    for module in model.modules():
+        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
+            buffers += [b for b in (module.running_mean, module.running_var, module.num_batches_tracked)
+                        if b is not None]
+    return buffers
+
+
+def _select(inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``inputs[index]`` in the input's memory format (channels-last stays channels-last)."""
+    subset = inputs[index]
+    if inputs.dim() == 4 and not inputs.is_contiguous() and inputs.is_contiguous(
+            memory_format=torch.channels_last):
+        subset = subset.contiguous(memory_format=torch.channels_last)
+    return subset
+
+
+def _check_options(amp_dtype: Optional[torch.dtype], clip_mode: str, bn_mode: str,
+                   clip_grad: Optional[float]) -> None:
+    if amp_dtype not in (None, torch.float16, torch.bfloat16):
+        raise ValueError(f'amp_dtype={amp_dtype!r} is invalid: use None, torch.bfloat16 or torch.float16.')
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f'clip_mode={clip_mode!r} is invalid: valid modes are {CLIP_MODES}.')
+    if bn_mode not in BN_MODES:
+        raise ValueError(f'bn_mode={bn_mode!r} is invalid: valid modes are {BN_MODES}.')
+    if clip_grad is not None and not clip_grad > 0:
+        raise ValueError(f'clip_grad={clip_grad!r} is invalid: use None (no clipping) or a value > 0.')
+
+
+class _Passes:
+    """Shared plumbing of one step: autocast per forward, per-sample loss checks, scaled backward."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, device_type: str,
+                 amp_dtype: Optional[torch.dtype], scaler: Optional[torch.amp.GradScaler]) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.device_type = device_type
+        self.amp_dtype = amp_dtype
+        self.scaler = scaler
+
+    def losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses [B] of one forward, in a fresh autocast context (never reuse one)."""
+        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None):
+            losses = self.loss_fn(self.model(inputs), targets)
+        if losses.dim() != 1 or losses.shape[0] != inputs.shape[0]:
+            raise ValueError(
+                f'loss_fn must return per-sample losses of shape [{inputs.shape[0]}], got shape '
+                f'{tuple(losses.shape)}: use esam_timm.losses (e.g. create_per_sample_loss) or a loss '
+                f'with reduction="none".')
+        return losses.float()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def finish(self, optimizer: torch.optim.Optimizer, clip_grad: Optional[float],
+               clip_mode: str) -> torch.Tensor:
+        """Unscale, measure and clip the final gradient, then step (through the scaler if any)."""
+        params = [p for group in optimizer.param_groups for p in group['params']]
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if clip_grad is not None and clip_mode == 'norm':
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if clip_grad is not None:
+                dispatch_clip_grad(params, clip_grad, mode=clip_mode)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        return grad_norm
+
+
+def train_step(
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: LossFn,
+        *,
+        amp_dtype: Optional[torch.dtype] = None,
+        scaler: Optional[torch.amp.GradScaler] = None,
+        clip_grad: Optional[float] = None,
+        clip_mode: str = 'norm',
+        bn_mode: str = 'clean',
+        selection: Union[str, SelectionRule] = 'topk',
+) -> Dict[str, Any]:
+    """Run one full parameter update of ``model`` on a batch and return its statistics.
+
+    Args:
+        model: the model in train mode (plain, DDP-wrapped, channels-last or compiled).
+        optimizer: an :class:`~esam_timm.ESAM` (also under timm's Lookahead) or any plain optimizer,
+            which gets the ordinary single forward/backward step: one call benchmarks SGD, SAM and ESAM.
+        inputs, targets: the batch; targets are class indices [B] or soft targets [B, C] (mixup).
+        loss_fn: ``loss_fn(logits, targets)`` returning per-sample losses [B] (see :mod:`esam_timm.losses`).
+        amp_dtype: autocast dtype (torch.bfloat16 or torch.float16), None for full precision.
+        scaler: an fp16 ``torch.amp.GradScaler``; the step goes through ``scaler.step``/``update``.
+        clip_grad, clip_mode: clip the final gradient ('norm', 'value' or 'agc', as in timm).
+        bn_mode: 'clean' (running stats end as the clean pass F1 left them) or 'all' (every pass
+            updates them, as the authors' code did).
+        selection: SDS rule name or callable (see :mod:`esam_timm.selection`).
+
+    Returns:
+        Tensors (no host sync is made for them; call ``.item()`` when logging): ``loss`` (mean clean
+        loss over the batch) and ``grad_norm`` (norm of the final, unscaled gradient). For SAM/ESAM also
+        ``sharpness`` (mean of l_i(w+e) - l_i(w) over the batch), ``num_selected`` and
+        ``selected_fraction`` (Python numbers), ``perturb_norm`` (||e||), ``ascent_grad_norm`` and
+        ``perturb_skipped`` (1 when a non-finite ascent gradient skipped the perturbation).
+    """
+    _check_options(amp_dtype, clip_mode, bn_mode, clip_grad)
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(f'inputs and targets disagree on the batch size: {inputs.shape[0]} vs '
+                         f'{targets.shape[0]}.')
+    if scaler is not None and not scaler.is_enabled():
+        scaler = None
+    passes = _Passes(model, loss_fn, inputs.device.type, amp_dtype, scaler)
+    optimizer.zero_grad(set_to_none=True)
+    sam = find_sam(optimizer)
+    if sam is None:
+        clean = passes.losses(inputs, targets)
+        loss = clean.mean()
+        passes.backward(loss)
+        grad_norm = passes.finish(optimizer, clip_grad, clip_mode)
+        return {'loss': loss.detach(), 'grad_norm': grad_norm}
+    return _sam_step(passes, sam, optimizer, inputs, targets, clip_grad=clip_grad, clip_mode=clip_mode,
+                     bn_mode=bn_mode, selection=get_selection_rule(selection))
+
+
+def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+              targets: torch.Tensor, *, clip_grad: Optional[float], clip_mode: str, bn_mode: str,
+              selection: SelectionRule) -> Dict[str, Any]:
+    batch_size = inputs.shape[0]
+    k = num_selected(sam.gamma, batch_size)
+    full_batch = k == batch_size
+    model = passes.model
+    is_ddp = isinstance(model, DistributedDataParallel)
+    rng = _RngFork(inputs.device)
+    stat_buffers = _running_stat_buffers(model) if bn_mode == 'clean' else []
+
+    def local_only() -> ContextManager:
+        """DDP decides at forward time whether to sync: F1, B1 and F2 stay on this rank."""
+        return model.no_sync() if is_ddp else contextlib.nullcontext()
+
+    with local_only(), sam.swp_subset() as drawn:
+        clean = passes.losses(inputs, targets)  # F1
+        if drawn:
+            passes.backward(clean.mean())  # B1
+    clean = clean.detach()
+    stats_after_clean = torch._foreach_clone(stat_buffers) if stat_buffers else []
+    ascent = sam.perturb(skip_non_finite=passes.scaler is not None)
+    try:
+        if not full_batch:
+            rng_after_clean = rng.get()
+            rng.set(rng.start)  # F2 draws F1's dropout masks: delta_i measures sharpness, not noise
+            with local_only(), torch.no_grad():
+                sharpness = passes.losses(inputs, targets) - clean  # F2
+            rng.set(rng_after_clean)
+            index = selection(sharpness, clean, k)
+            inputs, targets = _select(inputs, index), targets[index]
+        optimizer.zero_grad(set_to_none=True)
+        if full_batch:
+            rng.set(rng.start)  # F3 covers F1's batch: same masks, so its losses give the sharpness
+        selected = passes.losses(inputs, targets)  # F3
+        passes.backward(selected.mean())  # B3, all-reduced under DDP
+    finally:
+        sam.restore()  # w is back bitwise before any step, also when a pass raised
+        if stat_buffers:
+            torch._foreach_copy_(stat_buffers, stats_after_clean)
+    if full_batch:
+        sharpness = selected.detach() - clean
+    grad_norm = passes.finish(optimizer, clip_grad, clip_mode)
+    return {
+        'loss': clean.mean(),
+        'grad_norm': grad_norm,
+        'sharpness': sharpness.mean(),
+        'num_selected': k,
+        'selected_fraction': k / batch_size,
+        'perturb_norm': ascent['perturb_norm'],
+        'ascent_grad_norm': ascent['grad_norm'],
+        'perturb_skipped': ascent['perturb_skipped'],
+    }
