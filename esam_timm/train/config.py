@@ -1,0 +1,426 @@
+"""Command line and YAML configuration of the ESAM training script.
+
+Flag names and meanings follow timm's ``train.py`` so that timm users can carry their command lines
+over; ESAM adds ``--rho``, ``--esam-beta``, ``--esam-gamma`` and ``--esam-bn-mode``.
+
+A ``-c/--config`` YAML file supplies defaults (keys are the argparse destinations, ``batch_size``
+or ``batch-size``); flags given on the command line override it. Unknown keys and invalid values are
+argparse errors (exit code 2) naming the key or flag and what would be valid.
+"""
+import argparse
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from esam_timm.step import BN_MODES, CLIP_MODES
+
+__all__ = ['build_parser', 'parse_args', 'validate_args', 'args_to_yaml']
+
+_AMP_DTYPES = ('bfloat16', 'float16')
+_EVAL_METRICS = ('top1', 'top5', 'loss')
+_INTERPOLATIONS = ('', 'random', 'bilinear', 'bicubic', 'nearest', 'lanczos', 'box', 'hamming')
+_RE_MODES = ('const', 'rand', 'pixel')
+_MIXUP_MODES = ('batch', 'pair', 'elem')
+_LR_BASE_SCALES = ('', 'linear', 'sqrt')
+
+
+def _kv_pair(text: str) -> Tuple[str, Any]:
+    """Parse ``key=value`` for ``--opt-kwargs``/``--model-kwargs``; the value is read as YAML."""
+    if '=' not in text:
+        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
+    key, value = text.split('=', 1)
+    if not key:
+        raise argparse.ArgumentTypeError(f'expected key=value with a non-empty key, got {text!r}')
+    return key, yaml.safe_load(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argparse parser with timm's flag names plus the ESAM flags."""
+    parser = argparse.ArgumentParser(
+        description='Train a timm model with ESAM / SAM / any timm optimizer',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument('-c', '--config', default='', metavar='FILE',
+                        help='YAML file whose values become the defaults (command line overrides)')
+
+    group = parser.add_argument_group('Dataset')
+    group.add_argument('data', nargs='?', metavar='DIR', default=None,
+                       help='path to dataset (positional, same as --data-dir)')
+    group.add_argument('--data-dir', metavar='DIR', default=None,
+                       help='dataset root: a folder with _info.json + shards (wds), an ImageFolder root, '
+                            'or a shard pattern')
+    group.add_argument('--dataset', metavar='NAME', default='wds/',
+                       help="'wds/<name>' for WebDataset shards, '' for an ImageFolder, "
+                            "or any timm dataset name (e.g. torch/cifar10)")
+    group.add_argument('--train-split', metavar='NAME', default='train')
+    group.add_argument('--val-split', metavar='NAME', default='validation',
+                       help="validation split; '' skips validation")
+    group.add_argument('--train-num-samples', type=int, default=None, metavar='N',
+                       help='override the number of training samples (wds)')
+    group.add_argument('--val-num-samples', type=int, default=None, metavar='N',
+                       help='override the number of validation samples (wds)')
+    group.add_argument('--dataset-download', action='store_true', default=False,
+                       help='let timm download torch/* datasets')
+    group.add_argument('--demo', action='store_true', default=False,
+                       help='build the built-in demo dataset in <output>/demo-data and train on it')
+
+    group = parser.add_argument_group('Model')
+    group.add_argument('--model', default='resnet50', metavar='NAME', help='any timm model name')
+    group.add_argument('--pretrained', action='store_true', default=False,
+                       help='start from pretrained weights (needs --pretrained-path; no hub downloads)')
+    group.add_argument('--pretrained-path', default=None, metavar='FILE',
+                       help='local file with pretrained weights for --pretrained')
+    group.add_argument('--initial-checkpoint', default='', metavar='FILE',
+                       help='load these model weights before training (no optimizer state)')
+    group.add_argument('--resume', default='', metavar='FILE',
+                       help='resume the full training state from a checkpoint')
+    group.add_argument('--no-resume-opt', action='store_true', default=False,
+                       help='with --resume, do not restore optimizer, scaler and scheduler state')
+    group.add_argument('--num-classes', type=int, default=None, metavar='N')
+    group.add_argument('--gp', default=None, metavar='POOL', help='global pool type')
+    group.add_argument('--img-size', type=int, default=None, metavar='N', help='image size')
+    group.add_argument('--in-chans', type=int, default=None, metavar='N')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+                       help='input size C H W (overrides --img-size and --in-chans)')
+    group.add_argument('--crop-pct', default=None, type=float, metavar='PCT',
+                       help='validation center crop fraction')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN')
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD')
+    group.add_argument('--interpolation', default='', type=str, metavar='NAME',
+                       help='resize interpolation (default: the model\'s)')
+    group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
+                       help='batch size per process')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
+    group.add_argument('--channels-last', action='store_true', default=False)
+    group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                       help='only 1 is supported: ESAM selects samples and perturbs per batch')
+    group.add_argument('--model-kwargs', nargs='*', default={}, type=_kv_pair, metavar='K=V',
+                       help='extra timm.create_model keyword arguments')
+    group.add_argument('--cifar-stem', action='store_true', default=False,
+                       help='replace a timm ResNet stem by the 3x3 stride-1 CIFAR stem without max-pool')
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                       metavar='BACKEND', help='torch.compile the model (default backend inductor)')
+
+    group = parser.add_argument_group('Optimizer')
+    group.add_argument('--opt', default='esam', metavar='NAME',
+                       help="optimizer: esam, sam, or any timm optimizer (sgd, adamw, ...); "
+                            "esam/sam use --base-opt")
+    group.add_argument('--base-opt', default='sgd', metavar='NAME',
+                       help='base optimizer that ESAM/SAM wraps')
+    group.add_argument('--opt-eps', default=None, type=float, metavar='EPS')
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    group.add_argument('--momentum', type=float, default=0.9, metavar='M')
+    group.add_argument('--weight-decay', type=float, default=2e-5)
+    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
+                       help='clip the final gradient (off by default)')
+    group.add_argument('--clip-mode', type=str, default='norm', help="'norm', 'value' or 'agc'")
+    group.add_argument('--layer-decay', type=float, default=None, metavar='RATE')
+    group.add_argument('--opt-kwargs', nargs='*', default={}, type=_kv_pair, metavar='K=V',
+                       help='extra optimizer keyword arguments')
+    group.add_argument('--rho', type=float, default=0.05, help='ESAM/SAM perturbation radius')
+    group.add_argument('--esam-beta', type=float, default=0.6,
+                       help='ESAM share of weight tensors perturbed (SWP); 1 = all')
+    group.add_argument('--esam-gamma', type=float, default=0.5,
+                       help='ESAM share of samples kept for the second pass (SDS); 1 = all')
+    group.add_argument('--esam-bn-mode', type=str, default='clean',
+                       help="BatchNorm running stats under ESAM: 'clean' (from the clean pass only) or 'all' "
+                            "(every pass, as the authors' code)")
+
+    group = parser.add_argument_group('Learning rate schedule')
+    group.add_argument('--sched', type=str, default='cosine', metavar='NAME',
+                       help='timm scheduler: cosine, tanh, step, multistep, plateau, poly, none')
+    group.add_argument('--sched-on-updates', action='store_true', default=False,
+                       help='step the schedule every optimizer update instead of every epoch')
+    group.add_argument('--lr', type=float, default=None, metavar='LR',
+                       help='learning rate; default: --lr-base scaled by the global batch size')
+    group.add_argument('--lr-base', type=float, default=0.1, metavar='LR',
+                       help='base learning rate for a global batch of --lr-base-size')
+    group.add_argument('--lr-base-size', type=int, default=256, metavar='N')
+    group.add_argument('--lr-base-scale', type=str, default='',
+                       help="'linear' or 'sqrt' (default: sqrt for ada*/lamb, else linear)")
+    group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='PCT')
+    group.add_argument('--lr-noise-pct', type=float, default=0.67)
+    group.add_argument('--lr-noise-std', type=float, default=1.0)
+    group.add_argument('--lr-cycle-mul', type=float, default=1.0)
+    group.add_argument('--lr-cycle-decay', type=float, default=0.5)
+    group.add_argument('--lr-cycle-limit', type=int, default=1)
+    group.add_argument('--lr-k-decay', type=float, default=1.0)
+    group.add_argument('--warmup-lr', type=float, default=1e-5)
+    group.add_argument('--min-lr', type=float, default=0.0)
+    group.add_argument('--epochs', type=int, default=300)
+    group.add_argument('--start-epoch', type=int, default=None, metavar='N',
+                       help='epoch to start at (also overrides the resumed epoch)')
+    group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+')
+    group.add_argument('--decay-epochs', type=float, default=90)
+    group.add_argument('--warmup-epochs', type=int, default=5)
+    group.add_argument('--warmup-prefix', action='store_true', default=False)
+    group.add_argument('--cooldown-epochs', type=int, default=0)
+    group.add_argument('--patience-epochs', type=int, default=10)
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+
+    group = parser.add_argument_group('Augmentation and regularization')
+    group.add_argument('--no-aug', action='store_true', default=False,
+                       help='no training augmentation (resize + center crop only)')
+    group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar='PCT',
+                       help='random resized crop area range')
+    group.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], metavar='RATIO',
+                       help='random resized crop aspect ratio range')
+    group.add_argument('--hflip', type=float, default=0.5)
+    group.add_argument('--vflip', type=float, default=0.0)
+    group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT')
+    group.add_argument('--aa', type=str, default=None, metavar='NAME',
+                       help='auto augment policy, e.g. rand-m9-mstd0.5-inc1')
+    group.add_argument('--reprob', type=float, default=0.0, metavar='PCT', help='random erase prob')
+    group.add_argument('--remode', type=str, default='pixel', help='random erase mode')
+    group.add_argument('--recount', type=int, default=1, help='random erase count')
+    group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0 = off)')
+    group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (0 = off)')
+    group.add_argument('--cutmix-minmax', type=float, nargs=2, default=None)
+    group.add_argument('--mixup-prob', type=float, default=1.0)
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    group.add_argument('--mixup-mode', type=str, default='batch')
+    group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N',
+                       help='turn mixup off after this epoch (0 = never)')
+    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    group.add_argument('--bce-loss', action='store_true', default=False)
+    group.add_argument('--bce-sum', action='store_true', default=False)
+    group.add_argument('--bce-target-thresh', type=float, default=None)
+    group.add_argument('--bce-pos-weight', type=float, default=None)
+    group.add_argument('--train-interpolation', type=str, default='random')
+    group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')
+    group.add_argument('--bn-momentum', type=float, default=None)
+    group.add_argument('--bn-eps', type=float, default=None)
+    group.add_argument('--sync-bn', action='store_true', default=False, help='SyncBatchNorm (DDP only)')
+    group.add_argument('--model-ema', action='store_true', default=False, help='keep an EMA of the weights')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998)
+    group.add_argument('--model-ema-warmup', action='store_true', default=False)
+
+    group = parser.add_argument_group('Misc')
+    group.add_argument('--seed', type=int, default=42)
+    group.add_argument('--log-interval', type=int, default=50, metavar='N',
+                       help='batches between console/W&B log lines')
+    group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+                       help='write a recovery checkpoint every N batches (0 = off)')
+    group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
+                       help='number of best checkpoints to keep')
+    group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loader workers')
+    group.add_argument('--pin-mem', action='store_true', default=False)
+    group.add_argument('--amp', action='store_true', default=False, help='mixed precision (autocast)')
+    group.add_argument('--amp-dtype', default='float16', type=str, help="'bfloat16' or 'float16'")
+    group.add_argument('--no-ddp-bb', action='store_true', default=False,
+                       help='DDP without broadcast_buffers')
+    group.add_argument('--device', default='', type=str,
+                       help="device, default: cuda if available else cpu")
+    group.add_argument('--output', default='', type=str, metavar='PATH',
+                       help='output root (default ./output/train)')
+    group.add_argument('--experiment', default='', type=str, metavar='NAME',
+                       help='output sub-folder name (default: date-model-size)')
+    group.add_argument('--eval-metric', default='top1', type=str, help="'top1', 'top5' or 'loss'")
+    group.add_argument('--log-wandb', action='store_true', default=False, help='log to Weights & Biases')
+    group.add_argument('--wandb-project', default=None, type=str)
+    group.add_argument('--wandb-tags', default=[], type=str, nargs='+')
+    group.add_argument('--wandb-resume-id', default='', type=str,
+                       help='W&B run id to continue (with --resume)')
+    group.add_argument('--no-progress', action='store_true', default=False,
+                       help='no progress bar even on a terminal')
+    return parser
+
+
+def _coerce(action: argparse.Action, value: Any, key: str, parser: argparse.ArgumentParser) -> Any:
+    """Give a YAML value the type the flag would have had on the command line."""
+    if value is None or action.type is None or action.type is _kv_pair:
+        return value
+    convert = action.type
+
+    def one(item: Any) -> Any:
+        if isinstance(item, bool) and convert in (int, float):
+            parser.error(f'config key {key!r}: expected a number, got {item!r}')
+        try:
+            return convert(item)
+        except (TypeError, ValueError):
+            parser.error(f'config key {key!r}: cannot read {item!r} as {convert.__name__}')
+
+    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [one(v) for v in value]
+    return one(value)
+
+
+def _load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """Read the config file; return {dest: value}, erroring on unknown keys."""
+    try:
+        with open(path, 'r') as f:
+            cfg = yaml.safe_load(f)
+    except OSError as e:
+        parser.error(f'cannot read config file {path!r}: {e.strerror}')
+    except yaml.YAMLError as e:
+        parser.error(f'config file {path!r} is not valid YAML: {e}')
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        parser.error(f'config file {path!r} must hold a mapping of option names to values')
+    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
+    defaults = {}
+    for key, value in cfg.items():
+        dest = str(key).replace('-', '_')
+        if dest not in actions:
+            close = sorted(d for d in actions if d.split('_')[0] == dest.split('_')[0])
+            hint = f' (did you mean one of {close}?)' if close else ''
+            parser.error(f'config file {path!r}: unknown key {key!r}{hint}')
+        action = actions[dest]
+        if action.type is _kv_pair and isinstance(value, dict):
+            value = list(value.items())
+        defaults[dest] = _coerce(action, value, str(key), parser)
+    return defaults
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check values that argparse cannot; raise ValueError naming the flag and what is valid."""
+    import timm
+    from timm.optim import list_optimizers
+
+    def in_range(name: str, value: Optional[float], lo: float, hi: float, lo_open: bool = False) -> None:
+        if value is None:
+            return
+        ok = (lo < value if lo_open else lo <= value) and value <= hi
+        bracket = '(' if lo_open else '['
+        _check(ok and math.isfinite(value),
+               f'--{name} must be in {bracket}{lo}, {hi}], got {value}')
+
+    def positive(name: str, value: Optional[float], allow_zero: bool = False) -> None:
+        if value is None:
+            return
+        ok = value >= 0 if allow_zero else value > 0
+        _check(ok and math.isfinite(value), f'--{name} must be {">= 0" if allow_zero else "> 0"}, got {value}')
+
+    def choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+        _check(value in choices, f'--{name} must be one of {list(choices)}, got {value!r}')
+
+    _check(timm.is_model(args.model), f'--model {args.model!r} is not a timm model; list them with '
+                        f'timm.list_models(), or register yours with timm.models.register_model')
+    if args.pretrained:
+        _check(bool(args.pretrained_path),
+               '--pretrained needs --pretrained-path FILE: weights are only loaded from a local file, '
+               'never downloaded')
+    known_opts = set(list_optimizers()) | {'esam', 'sam'}
+    for flag, name in (('opt', args.opt), ('base-opt', args.base_opt)):
+        last = name.lower().split('_')[-1]
+        _check(last in known_opts, f'--{flag} {name!r} is not an optimizer timm knows; '
+                                   f'use esam, sam or one of timm.optim.list_optimizers()')
+    _check(args.base_opt.lower().split('_')[-1] not in ('esam', 'sam'),
+           f'--base-opt {args.base_opt!r} cannot be esam/sam itself; use e.g. sgd or adamw')
+    positive('rho', args.rho)
+    in_range('esam-beta', args.esam_beta, 0., 1., lo_open=True)
+    in_range('esam-gamma', args.esam_gamma, 0., 1., lo_open=True)
+    choice('esam-bn-mode', args.esam_bn_mode, BN_MODES)
+    positive('lr', args.lr)
+    positive('lr-base', args.lr_base)
+    positive('lr-base-size', args.lr_base_size)
+    choice('lr-base-scale', args.lr_base_scale, _LR_BASE_SCALES)
+    positive('weight-decay', args.weight_decay, allow_zero=True)
+    positive('momentum', args.momentum, allow_zero=True)
+    positive('warmup-lr', args.warmup_lr, allow_zero=True)
+    positive('min-lr', args.min_lr, allow_zero=True)
+    positive('warmup-epochs', args.warmup_epochs, allow_zero=True)
+    positive('epochs', args.epochs)
+    if args.start_epoch is not None:
+        _check(0 <= args.start_epoch < args.epochs,
+               f'--start-epoch must be in [0, --epochs={args.epochs}), got {args.start_epoch}')
+    choice('sched', args.sched, ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', 'none'))
+    positive('batch-size', args.batch_size)
+    positive('validation-batch-size', args.validation_batch_size)
+    _check(args.grad_accum_steps == 1,
+           f'--grad-accum-steps {args.grad_accum_steps} is not supported: ESAM draws its weight subset, '
+           f'selects the sharpest samples and perturbs the weights per batch, so accumulating '
+           f'micro-batches has no single meaning; raise --batch-size or use more processes instead '
+           f'(valid: 1)')
+    positive('clip-grad', args.clip_grad)
+    choice('clip-mode', args.clip_mode, CLIP_MODES)
+    choice('amp-dtype', args.amp_dtype, _AMP_DTYPES)
+    choice('eval-metric', args.eval_metric, _EVAL_METRICS)
+    choice('interpolation', args.interpolation, _INTERPOLATIONS)
+    choice('train-interpolation', args.train_interpolation, _INTERPOLATIONS)
+    positive('img-size', args.img_size)
+    positive('in-chans', args.in_chans)
+    if args.input_size is not None:
+        _check(all(v > 0 for v in args.input_size), f'--input-size values must be > 0, got {args.input_size}')
+    in_range('crop-pct', args.crop_pct, 0., 1., lo_open=True)
+    positive('num-classes', args.num_classes)
+    for name, value in (('mean', args.mean), ('std', args.std)):
+        if value is not None:
+            _check(len(value) in (1, 3), f'--{name} needs 1 or 3 values, got {len(value)}')
+    if args.std is not None:
+        _check(all(v > 0 for v in args.std), f'--std values must be > 0, got {args.std}')
+    _check(0 < args.scale[0] <= args.scale[1] <= 1,
+           f'--scale must be two values 0 < lo <= hi <= 1, got {args.scale}')
+    _check(0 < args.ratio[0] <= args.ratio[1], f'--ratio must be two values 0 < lo <= hi, got {args.ratio}')
+    in_range('hflip', args.hflip, 0., 1.)
+    in_range('vflip', args.vflip, 0., 1.)
+    positive('color-jitter', args.color_jitter, allow_zero=True)
+    in_range('reprob', args.reprob, 0., 1.)
+    choice('remode', args.remode, _RE_MODES)
+    positive('recount', args.recount)
+    positive('mixup', args.mixup, allow_zero=True)
+    positive('cutmix', args.cutmix, allow_zero=True)
+    in_range('mixup-prob', args.mixup_prob, 0., 1.)
+    in_range('mixup-switch-prob', args.mixup_switch_prob, 0., 1.)
+    choice('mixup-mode', args.mixup_mode, _MIXUP_MODES)
+    positive('mixup-off-epoch', args.mixup_off_epoch, allow_zero=True)
+    _check(0 <= args.smoothing < 1, f'--smoothing must be in [0, 1), got {args.smoothing}')
+    in_range('drop', args.drop, 0., 1.)
+    in_range('drop-path', args.drop_path, 0., 1.)
+    in_range('model-ema-decay', args.model_ema_decay, 0., 1.)
+    positive('log-interval', args.log_interval)
+    positive('recovery-interval', args.recovery_interval, allow_zero=True)
+    positive('checkpoint-hist', args.checkpoint_hist)
+    positive('workers', args.workers, allow_zero=True)
+    ds = args.dataset
+    _check(ds in ('', 'folder', 'imagefolder') or '/' in ds,
+           f'--dataset {ds!r}: use wds/<name> for shards, an empty string for an ImageFolder, or a '
+           f'timm dataset name like torch/cifar10')
+    _check(bool(args.data_dir) or args.demo,
+           'no data: give --data-dir DIR (or the positional DIR), or --demo for the built-in demo dataset')
+    if args.demo:
+        _check(ds.startswith('wds/'), f'--demo trains on WebDataset shards; it needs --dataset wds/..., '
+                                      f'got {ds!r}')
+    if args.wandb_resume_id:
+        _check(args.log_wandb, '--wandb-resume-id needs --log-wandb')
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
+    """Parse the command line (and the YAML named by -c); return (args, args as YAML text).
+
+    Errors exit with code 2 and an argparse message naming the bad flag, key or value.
+    """
+    parser = build_parser()
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('-c', '--config', default='')
+    known, remaining = config_parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**_load_yaml_defaults(known.config, parser))
+    args = parser.parse_args(remaining)
+    args.config = known.config
+    if args.data and not args.data_dir:
+        args.data_dir = args.data
+    args.opt_kwargs = dict(args.opt_kwargs)
+    args.model_kwargs = dict(args.model_kwargs)
+    try:
+        validate_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return args, args_to_yaml(args)
+
+
+def args_to_yaml(args: argparse.Namespace) -> str:
+    """The resolved arguments as YAML, loadable again with -c (written to args.yaml)."""
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    values.pop('config', None)
+    return yaml.safe_dump(values, default_flow_style=False, sort_keys=True)
