@@ -1,0 +1,94 @@
+"""Shared helpers for the data-layer tests: tiny real-JPEG shards with one label per sample."""
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from esam_timm.data.make_shards import ShardRecord, write_info
+
+IMAGE_SIZE = 32
+
+
+def jpeg_bytes(index: int, size: int = IMAGE_SIZE) -> bytes:
+    """A small real JPEG whose content depends on ``index`` (a two-colour split at a varying row)."""
+    rng = np.random.default_rng(index)
+    pixels = np.empty((size, size, 3), dtype=np.uint8)
+    pixels[:] = rng.integers(0, 256, size=3)
+    pixels[index % size:] = rng.integers(0, 256, size=3)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format='JPEG', quality=90)
+    return buf.getvalue()
+
+
+def decoded(index: int) -> np.ndarray:
+    """What PIL decodes from ``jpeg_bytes(index)``: the reference for round-trip checks (CHW uint8)."""
+    return np.asarray(Image.open(io.BytesIO(jpeg_bytes(index))).convert('RGB')).transpose(2, 0, 1)
+
+
+def write_identity_shards(out_dir: Path, sizes: Sequence[int], split: str = 'train',
+                          overrides: Optional[Dict[int, Dict[str, Optional[bytes]]]] = None) -> List[str]:
+    """Write shards of the given sizes where sample ``i`` has label ``i``; list the shard file names.
+
+    ``overrides`` maps a sample index to member bytes replacing the written ones (``None`` drops
+    the member), to plant bad samples. ``_info.json`` is written in timm's layout.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overrides = overrides or {}
+    names, index = [], 0
+    for shard, size in enumerate(sizes):
+        name = f'data-{split}-{shard:04d}.tar'
+        with tarfile.open(out_dir / name, 'w') as tar:
+            for _ in range(size):
+                members = {'cls': str(index).encode(), 'jpg': jpeg_bytes(index),
+                           'json': json.dumps({'label': index}).encode()}
+                members.update(overrides.get(index, {}))
+                for ext, data in members.items():
+                    if data is None:
+                        continue
+                    info = tarfile.TarInfo(f'{index:06d}.{ext}')
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                index += 1
+        names.append(name)
+    write_info(out_dir, 'data', {split: {'name': split, 'num_samples': sum(sizes), 'filenames': names,
+                                         'shard_lengths': list(sizes)}})
+    return names
+
+
+def truncate_in_sample(path: Path, index: int) -> None:
+    """Cut a tar file in the middle of the image data of sample ``index`` (its earlier samples stay whole)."""
+    with tarfile.open(path) as tar:
+        member = tar.getmember(f'{index:06d}.jpg')
+        cut = member.offset_data + member.size // 2
+    with open(path, 'r+b') as f:
+        f.truncate(cut)
+
+
+def write_image_folder(root: Path, counts: Dict[str, Dict[str, int]]) -> Dict[Tuple[str, str], bytes]:
+    """Write an ImageFolder tree ``root/split/class/img_k.JPEG``; return {(split, relpath): bytes}."""
+    files, index = {}, 0
+    for split, per_class in counts.items():
+        for class_name, n in per_class.items():
+            os.makedirs(root / split / class_name, exist_ok=True)
+            for k in range(n):
+                data = jpeg_bytes(index)
+                rel = f'{class_name}/img_{k}.JPEG'
+                (root / split / rel).write_bytes(data)
+                files[(split, rel)] = data
+                index += 1
+    return files
+
+
+def records_for(indices: Sequence[int]) -> List[ShardRecord]:
+    """In-memory records with label = index, for ``write_split``."""
+    return [ShardRecord(key=f's{i:05d}', image=jpeg_bytes(i), ext='jpg', label=i) for i in indices]
+
+
+__all__ = ['IMAGE_SIZE', 'decoded', 'jpeg_bytes', 'records_for', 'truncate_in_sample', 'write_identity_shards',
+           'write_image_folder']
