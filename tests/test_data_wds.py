@@ -1,9 +1,12 @@
 """WebDataset sources and loaders on real JPEG shards written into tmp_path."""
+import gzip
+import io
 import json
 import math
 import multiprocessing
 import os
 import socket
+import tarfile
 from pathlib import Path
 from typing import List
 
@@ -13,6 +16,7 @@ import torch
 
 from data_helpers import IMAGE_SIZE, decoded, truncate_in_sample, write_identity_shards
 from esam_timm.data import all_reduce_sums, create_train_loader, create_val_loader, resolve_source
+from esam_timm.data.wds import tar_members
 
 SIZES = [7, 2, 4]  # uneven shards, fewer than 2 ranks x 2 workers
 
@@ -282,3 +286,28 @@ def test_two_ranks_two_workers_uneven_shards(tmp_path):
             assert res['totals'] == [float(total), float(sum(range(total)))]
         all_labels = results[0]['val_labels'] + results[1]['val_labels']
         assert sorted(all_labels) == list(range(total)), f'case {sizes}'
+
+
+# ---------------------------------------------------------------- tar reader
+
+@pytest.mark.parametrize('fmt', [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_members_long_names_and_formats(tmp_path, fmt):
+    names = ['a.cls', 'dir/' + 'x' * 90 + '/b.jpg'] + (['c' * 120 + '.json'] if fmt != tarfile.USTAR_FORMAT else [])
+    path = tmp_path / 'm.tar'
+    with tarfile.open(path, 'w', format=fmt) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 700 * i + 3
+            tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
+    with open(path, 'rb') as f:
+        got = list(tar_members(f))
+    assert [n for n, _ in got] == names
+    assert [d for _, d in got] == [bytes([i]) * (700 * i + 3) for i in range(len(names))]
+
+
+def test_gzipped_shard_is_read(tmp_path):
+    write_identity_shards(tmp_path, [3])
+    (tmp_path / 'data-train-0000.tar.gz').write_bytes(gzip.compress((tmp_path / 'data-train-0000.tar').read_bytes()))
+    loader = create_val_loader(resolve_source(f'{tmp_path}/data-train-0000.tar.gz', 'x', num_samples=3),
+                               batch_size=4, img_size=16, num_workers=0)
+    assert _val_labels(loader) == [0, 1, 2]

@@ -6,15 +6,12 @@ applies timm's random erasing and Mixup/CutMix on the device, and returns channe
 On CUDA the next batch is prepared on a side stream while the caller computes on the current one;
 on the CPU the same steps run synchronously, so the class works everywhere.
 """
-import logging
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
-
-_logger = logging.getLogger(__name__)
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
