@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--start-epoch', type=int, default=None, metavar='N',
                        help='epoch to start at (also overrides the resumed epoch)')
     group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+')
-    group.add_argument('--decay-epochs', type=float, default=90)
+    group.add_argument('--decay-epochs', type=float, default=90.0)
     group.add_argument('--warmup-epochs', type=int, default=5)
     group.add_argument('--warmup-prefix', action='store_true', default=False)
     group.add_argument('--cooldown-epochs', type=int, default=0)

@@ -13,6 +13,7 @@ model, optimizer (base optimizer + ESAM's SWP generator), GradScaler, EMA, sched
 (epoch, batch); the data loader is re-opened at that epoch and fast-forwarded to the batch.
 """
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -394,11 +395,14 @@ class Trainer:
             else:
                 aug = dict(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
                            color_jitter=args.color_jitter or None, auto_augment=args.aa, re_prob=args.reprob)
+            # Fresh workers every epoch: opening a DataLoader iterator draws its base seed from the
+            # global RNG, persistent workers skip that draw, and a resumed run could then not replay
+            # the random state of an uninterrupted one. Worker start-up costs seconds per epoch.
             raw_train = create_train_loader(
                 self.train_source, batch_size=args.batch_size, img_size=cfg['input_size'][1:],
                 num_workers=args.workers, seed=args.seed, rank=self.rank, world_size=self.world_size,
                 interpolation=train_interp, re_mode=args.remode, re_count=args.recount,
-                mean=cfg['mean'], std=cfg['std'], pin_memory=args.pin_mem, **aug)
+                mean=cfg['mean'], std=cfg['std'], pin_memory=args.pin_mem, persistent_workers=False, **aug)
             self.train_raw = raw_train
             self.train_loader = DevicePrefetcher(raw_train, self.device, mean=cfg['mean'], std=cfg['std'],
                                                  channels_last=args.channels_last, mixup_fn=self.mixup_fn)
@@ -480,9 +484,12 @@ class Trainer:
         if args.torchcompile:
             model = torch.compile(model, backend=args.torchcompile)
         if self.distributed:
+            # torch >= 2.10 renames broadcast_buffers (same meaning after the init-time sync).
+            sync_name = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(
+                DistributedDataParallel.__init__).parameters else 'broadcast_buffers'
             model = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
-                broadcast_buffers=not args.no_ddp_bb)
+                **{sync_name: not args.no_ddp_bb})
         self.train_model = model
         self.eval_model = model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -658,6 +665,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 train_metrics = self.train_one_epoch(epoch, start_batch)
                 epoch_time = time.perf_counter() - t0
+                train_metrics['lr'] = self._lr()
                 eval_metrics, ema_metrics = {}, {}
                 if self.val_loader is not None:
                     eval_metrics = self.validate(self.eval_model)
@@ -675,7 +683,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, train_metrics: Dict[str, float], eval_metrics: Dict[str, float],
                    ema_metrics: Dict[str, float], metric: Optional[float], epoch_time: float) -> None:
-        row: Dict[str, Any] = {'epoch': epoch, 'lr': self._lr(), 'epoch_time': epoch_time}
+        row: Dict[str, Any] = {'epoch': epoch, 'lr': train_metrics.pop('lr'), 'epoch_time': epoch_time}
         row.update({f'train_{k}': v for k, v in train_metrics.items()})
         row.update({f'eval_{k}': v for k, v in eval_metrics.items()})
         row.update({f'ema_eval_{k}': v for k, v in ema_metrics.items()})

@@ -1,0 +1,208 @@
+"""End-to-end runs of the trainer on tiny demo shards on the CPU: optimizers, bf16, exact resume, W&B
+offline, and a 2-process torchrun."""
+import csv
+import glob
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from esam_timm.data import make_demo_dataset
+from esam_timm.train import Trainer, parse_args
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCHES_PER_EPOCH = 10  # 320 training samples / batch 32
+
+
+@pytest.fixture(scope='module')
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp('demo-data')
+    return str(make_demo_dataset(out, num_classes=10, train_per_class=32, val_per_class=10, image_size=32,
+                                 samples_per_shard=80))
+
+
+def _argv(demo_dir, out_dir, *extra):
+    return ['--data-dir', demo_dir, '--dataset', 'wds/demo', '--model', 'test_resnet', '--img-size', '32',
+            '--crop-pct', '1.0', '-b', '32', '--epochs', '2', '--lr', '0.1', '--weight-decay', '5e-4',
+            '--warmup-epochs', '0', '--smoothing', '0', '--no-aug', '--workers', '0', '--base-opt', 'momentum',
+            '--log-interval', '5', '--no-progress', '--output', str(out_dir), '--experiment', 'run', *extra]
+
+
+def _train(demo_dir, out_dir, *extra, callbacks=()):
+    args, text = parse_args(_argv(demo_dir, out_dir, *extra))
+    trainer = Trainer(args, text, step_callbacks=callbacks)
+    return trainer, trainer.fit()
+
+
+def _summary(run_dir):
+    with open(os.path.join(run_dir, 'summary.csv'), newline='') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize('opt, selected', [('momentum', None), ('sam', 1.0), ('esam', 0.5)])
+def test_end_to_end_learns(demo_dir, tmp_path, opt, selected):
+    trainer, metrics = _train(demo_dir, tmp_path, '--opt', opt, '--epochs', '3')
+    run_dir = os.path.join(tmp_path, 'run')
+    assert metrics['epoch'] == 2 and trainer.num_updates == 3 * BATCHES_PER_EPOCH
+    assert metrics['eval_top1'] > 25.0, f'{opt}: top-1 {metrics["eval_top1"]} not above chance (10%)'
+    rows = _summary(run_dir)
+    assert [r['epoch'] for r in rows] == ['0', '1', '2']
+    assert float(rows[2]['eval_top1']) == pytest.approx(metrics['eval_top1'])
+    if selected is None:
+        assert 'train_sharpness' not in rows[0]
+    else:
+        assert float(rows[0]['train_selected_share']) == selected
+        beta = 0.6 if opt == 'esam' else 1.0
+        assert float(rows[0]['train_perturb_norm']) == pytest.approx(0.05 / beta, rel=1e-4)
+        assert float(rows[0]['train_skipped_steps']) == 0
+    names = sorted(os.listdir(run_dir))
+    assert {'args.yaml', 'last.pth.tar', 'model_best.pth.tar', 'summary.csv'} <= set(names)
+    assert [n for n in names if n.startswith('checkpoint-')]
+    assert not [n for n in names if n.endswith('.tmp') or n.startswith('recovery-')]
+    ckpt = torch.load(os.path.join(run_dir, 'last.pth.tar'), map_location='cpu', weights_only=True)
+    assert (ckpt['epoch'], ckpt['batches_done'], ckpt['num_updates']) == (2, BATCHES_PER_EPOCH, 30)
+    if opt == 'esam':
+        assert 'generator_state' in ckpt['optimizer']['esam']
+
+
+def test_bf16_autocast_run(demo_dir, tmp_path):
+    trainer, metrics = _train(demo_dir, tmp_path, '--opt', 'esam', '--epochs', '1', '--amp',
+                              '--amp-dtype', 'bfloat16')
+    assert trainer.amp_dtype == torch.bfloat16 and trainer.scaler is None
+    assert torch.isfinite(torch.tensor(metrics['train_loss'])) and metrics['train_loss'] > 0
+    assert metrics['train_selected_share'] == 0.5 and metrics['train_skipped_steps'] == 0
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert 0.0 <= metrics['eval_top1'] <= 100.0
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(epoch, batch):
+    def callback(trainer, e, done):
+        if (e, done) == (epoch, batch):
+            raise _Killed
+    return callback
+
+
+@pytest.mark.parametrize('kill_at, resume_file, extra', [
+    ((0, 7), 'recovery-0-4.pth.tar', ['--workers', '0']),   # mid-epoch: a recovery checkpoint
+    ((1, 3), 'last.pth.tar', ['--workers', '0']),            # after an epoch: last.pth.tar
+    ((0, 7), 'recovery-0-4.pth.tar', ['--workers', '1']),
+    ((1, 3), 'last.pth.tar', ['--workers', '1']),
+])
+def test_killed_and_resumed_equals_uninterrupted(demo_dir, tmp_path, kill_at, resume_file, extra):
+    """Dropout, mixup, random erasing, EMA, ESAM's SWP generator and the cosine schedule all continue
+    exactly: the final weights are bitwise those of the uninterrupted run."""
+    common = ['--opt', 'esam', '--drop', '0.2', '--mixup', '0.4', '--reprob', '0.3', '--model-ema',
+              '--model-ema-decay', '0.9', '--recovery-interval', '4', '--sched-on-updates',
+              '--warmup-epochs', '1', *extra]
+    _, full = _train(demo_dir, tmp_path / 'full', *common)
+    with pytest.raises(_Killed):
+        _train(demo_dir, tmp_path / 'killed', *common, callbacks=[_kill_at(*kill_at)])
+    killed_dir = tmp_path / 'killed' / 'run'
+    assert (killed_dir / resume_file).is_file()
+    assert not list(killed_dir.glob('*.tmp'))
+    resumed_trainer, resumed = _train(demo_dir, tmp_path / 'killed', *common, '--resume',
+                                      str(killed_dir / resume_file))
+    assert resumed_trainer.start_epoch == (0 if 'recovery' in resume_file else 1)
+    a = torch.load(tmp_path / 'full' / 'run' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    b = torch.load(killed_dir / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert a['num_updates'] == b['num_updates'] == 2 * BATCHES_PER_EPOCH
+    for key in ('state_dict', 'state_dict_ema'):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f'{key}.{name} differs after resume'
+    for pid, state in a['optimizer']['state'].items():
+        assert torch.equal(state['momentum_buffer'], b['optimizer']['state'][pid]['momentum_buffer'])
+    assert torch.equal(a['optimizer']['esam']['generator_state'], b['optimizer']['esam']['generator_state'])
+    assert resumed['eval_top1'] == full['eval_top1'] and resumed['ema_eval_top1'] == full['ema_eval_top1']
+    assert [r['epoch'] for r in _summary(killed_dir)] == ['0', '1']
+
+
+def _wandb_history(run_file):
+    """History rows of an offline W&B run file (a leveldb-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    raw = open(run_file, 'rb').read()
+    block, pos, records, partial = 32768, 7, [], b''
+    while pos + 7 <= len(raw):
+        space = block - pos % block
+        if space < 7:
+            pos += space
+            continue
+        _, length, kind = struct.unpack('<IHB', raw[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += space
+            continue
+        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):
+            partial = data
+        else:
+            partial += data
+        if kind in (1, 4):
+            records.append(partial)
+    rows = []
+    for data in records:
+        record = pb.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof('record_type') == 'history':
+            rows.append({item.key or '/'.join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_esam_metrics(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_DIR', str(tmp_path))
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    _train(demo_dir, tmp_path, '--opt', 'esam', '--epochs', '1', '--log-wandb', '--wandb-project', 'esam-test',
+           '--wandb-tags', 'ci')
+    files = glob.glob(str(tmp_path / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
+    assert len(files) == 1
+    rows = _wandb_history(files[0])
+    train_rows = [r for r in rows if 'train/loss' in r]
+    assert [r['_step'] for r in train_rows] == [5, 10]
+    for row in train_rows:
+        assert row['train/selected_share'] == 0.5
+        assert row['train/perturb_norm'] == pytest.approx(0.05 / 0.6, rel=1e-4)
+        assert row['train/skipped_steps'] == 0
+        for key in ('train/sharpness', 'train/grad_norm', 'train/lr', 'train/samples_per_sec',
+                    'train/data_time'):
+            assert key in row
+    assert 'eval/top1' in rows[-1] and 'eval/loss' in rows[-1]
+
+
+def test_wandb_failure_is_a_warning(monkeypatch):
+    import wandb
+    from esam_timm.train import WandbLogger
+
+    def broken_init(**kwargs):
+        raise RuntimeError('no network')
+    monkeypatch.setattr(wandb, 'init', broken_init)
+    with pytest.warns(UserWarning, match='wandb.init failed .*no network.*training continues'):
+        logger = WandbLogger(True, project='p', tags=[], config={}, output_dir='.')
+    assert not logger.active
+    logger.log({'a': 1}, step=1)
+    logger.finish()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(demo_dir, tmp_path):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           os.path.join(REPO, 'train_esam.py'), *_argv(demo_dir, tmp_path, '--opt', 'esam', '--epochs', '1',
+                                                      '-b', '16')]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stderr
+    assert 'Process 0 of 2' in log and '(gloo)' in log
+    assert '(100 images)' in log  # the validation split counted exactly once across both ranks
+    assert log.count('Train: 0 [   10/10') == 1  # only rank 0 logs; 320 / (16 * 2) = 10 batches per rank
+    rows = _summary(tmp_path / 'run')
+    assert [r['epoch'] for r in rows] == ['0']
+    assert float(rows[0]['train_selected_share']) == 0.5
