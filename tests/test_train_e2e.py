@@ -206,3 +206,19 @@ def test_torchrun_two_processes_gloo(demo_dir, tmp_path):
     rows = _summary(tmp_path / 'run')
     assert [r['epoch'] for r in rows] == ['0']
     assert float(rows[0]['train_selected_share']) == 0.5
+
+
+def test_image_folder_dataset(tmp_path):
+    """--dataset '' trains on an ImageFolder through timm's own loaders."""
+    from PIL import Image
+    for split, count in (('train', 16), ('validation', 4)):
+        for label in range(2):
+            folder = tmp_path / 'folder' / split / f'class{label}'
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new('RGB', (32, 32), (255 * label, 40 + i, 90)).save(folder / f'{i}.png')
+    trainer, metrics = _train(str(tmp_path / 'folder'), tmp_path / 'out', '--dataset', '', '--opt', 'esam',
+                              '--epochs', '1', '-b', '8')
+    assert trainer.num_classes == 2 and trainer.num_updates == 4
+    assert metrics['train_selected_share'] == 0.5
+    assert float(_summary(tmp_path / 'out' / 'run')[0]['epoch']) == 0

@@ -426,8 +426,8 @@ class Trainer:
                 scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
                 color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=train_interp,
                 **common)
-            self.train_raw = loader
             self.train_loader = _TimmFolderLoader(loader, self.mixup_fn, args.channels_last)
+            self.train_raw = self.train_loader
             self.val_loader = None
             if self.val_source is not None:
                 vloader = create_loader(self.val_source, input_size=cfg['input_size'], batch_size=val_batch,
@@ -679,6 +679,14 @@ class Trainer:
         finally:
             if self.wandb is not None:
                 self.wandb.finish()
+        if self.is_primary and self.final_metrics:
+            m = self.final_metrics
+            top1 = m.get('ema_eval_top1', m.get('eval_top1'))
+            best = self.checkpoints.best
+            _logger.info('Finished %d epochs: final top-1 %s, best %s, last epoch %.1f train samples/s; '
+                         'output in %s', self.num_epochs, '-' if top1 is None else f'{top1:.2f}%',
+                         '-' if best is None else f'{args.eval_metric} {best[0]:.3f} (epoch {best[1]})',
+                         m['train_samples_per_sec'], self.output_dir)
         return self.final_metrics
 
     def _end_epoch(self, epoch: int, train_metrics: Dict[str, float], eval_metrics: Dict[str, float],
