@@ -7,6 +7,7 @@ from .registry import check_timm_version as _check_timm_version
 
 _check_timm_version()
 
+from . import models  # registers resnet18_cifar in timm
 from .losses import PerSampleBinaryCrossEntropy, PerSampleCrossEntropy, create_per_sample_loss, per_sample_loss
 from .optim import ESAM, SAM, find_sam
 from .registry import register_optimizers

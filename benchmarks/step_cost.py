@@ -1,0 +1,149 @@
+"""Cost of one training step for SGD, SAM and ESAM through esam_timm.train_step.
+
+Each method gets its own model copy and optimizer; steps are interleaved (SGD, SAM, ESAM, SGD, ...) so
+machine noise hits all of them alike, and each method reports its median step time as a ratio to SGD.
+Peak memory: on CUDA torch's peak allocation per method; on the CPU the peak RSS growth of a fresh
+child process running that method alone (an upper bound that includes allocator slack).
+
+    python benchmarks/step_cost.py                      # CPU: resnet18 (CIFAR stem), 32 px, batch 128
+    python benchmarks/step_cost.py --device cuda        # ResNet-50, 224 px, bf16, channels-last
+"""
+import argparse
+import copy
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import timm
+import torch
+
+import esam_timm
+from esam_timm.losses import PerSampleCrossEntropy
+
+METHODS: Dict[str, Dict] = {
+    'sgd': dict(opt='sgd'),
+    'sam': dict(opt='sam', rho=0.05),
+    'esam(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5),
+    'esam(0.6,0.5)': dict(opt='esam', rho=0.05, beta=0.6, gamma=0.5),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--model', default=None, help='timm model (default: resnet18_cifar on CPU, resnet50 on CUDA)')
+    parser.add_argument('--img-size', type=int, default=None)
+    parser.add_argument('--batch-size', '-b', type=int, default=None)
+    parser.add_argument('--amp-dtype', default=None, choices=['bfloat16', 'float16', 'none'])
+    parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument('--steps', type=int, default=5, help='timed steps per method')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed steps per method')
+    parser.add_argument('--num-classes', type=int, default=None)
+    parser.add_argument('--no-memory', action='store_true', help='skip the CPU memory measurement')
+    args = parser.parse_args()
+    cuda = args.device == 'cuda'
+    defaults = dict(model='resnet50' if cuda else 'resnet18_cifar', img_size=224 if cuda else 32,
+                    batch_size=256 if cuda else 128, amp_dtype='bfloat16' if cuda else 'none',
+                    channels_last=cuda, num_classes=1000 if cuda else 10)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def build(args: argparse.Namespace, base: torch.nn.Module, method: str) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = copy.deepcopy(base)
+    spec = dict(METHODS[method])
+    optimizer = timm.optim.create_optimizer_v2(model, spec.pop('opt'), lr=0.05, weight_decay=5e-4, momentum=0.9,
+                                               **spec)
+    return model, optimizer
+
+
+def make_stepper(args: argparse.Namespace, model, optimizer) -> Callable[[], None]:
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp = None if args.amp_dtype == 'none' else getattr(torch, args.amp_dtype)
+    scaler = torch.amp.GradScaler(args.device) if amp == torch.float16 else None
+    loss_fn = PerSampleCrossEntropy()
+
+    def step() -> None:
+        esam_timm.train_step(model, optimizer, x, y, loss_fn, amp_dtype=amp, scaler=scaler)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+    return step
+
+
+def cpu_peak_rss_growth(args: argparse.Namespace, method: str, queue) -> None:
+    """Runs in a fresh (spawned) process: RSS growth over a few steps of one method, model built first."""
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, num_classes=args.num_classes).train()
+    model, optimizer = build(args, base, method)
+    step = make_stepper(args, model, optimizer)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        step()
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, num_classes=args.num_classes).to(args.device).train()
+    if args.channels_last:
+        base = base.to(memory_format=torch.channels_last)
+    param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    steppers = {}
+    peak: Dict[str, float] = {}
+    for method in METHODS:
+        model, optimizer = build(args, base, method)
+        steppers[method] = make_stepper(args, model, optimizer)
+        for _ in range(args.warmup):
+            steppers[method]()
+    times: Dict[str, List[float]] = {m: [] for m in METHODS}
+    for i in range(args.steps):
+        for method, step in steppers.items():
+            start = time.perf_counter()
+            step()
+            times[method].append(time.perf_counter() - start)
+        print(f'round {i + 1}/{args.steps}: ' + ', '.join(f'{m} {t[-1] * 1e3:.0f} ms' for m, t in times.items()),
+              flush=True)
+    steppers.clear()  # free the timed models before measuring memory one method at a time
+    if args.device == 'cuda':
+        for method in METHODS:
+            model, optimizer = build(args, base, method)
+            step = make_stepper(args, model, optimizer)
+            step()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
+            peak[method] = torch.cuda.max_memory_allocated() - before
+            del model, optimizer, step
+    elif not args.no_memory:
+        ctx = mp.get_context('spawn')  # fork after OpenMP work can deadlock
+        for method in METHODS:
+            queue = ctx.Queue()
+            child = ctx.Process(target=cpu_peak_rss_growth, args=(args, method, queue))
+            child.start()
+            peak[method] = queue.get()
+            child.join()
+
+    sgd = statistics.median(times['sgd'])
+    print(f'\nmodel {args.model}, {args.img_size} px, batch {args.batch_size}, device {args.device}, '
+          f'amp {args.amp_dtype}, channels_last {args.channels_last}, threads {torch.get_num_threads()}, '
+          f'{args.steps} interleaved steps per method; parameters {param_bytes / 2**20:.1f} MiB')
+    print(f'{"method":<15}{"median ms":>10}{"x SGD":>8}{"peak mem MiB":>14}{"extra vs SGD MiB":>18}')
+    for method, t in times.items():
+        median = statistics.median(t)
+        mem = peak.get(method)
+        mem_txt = f'{mem / 2**20:14.0f}{(mem - peak["sgd"]) / 2**20:18.0f}' if mem is not None else ''
+        print(f'{method:<15}{median * 1e3:10.1f}{median / sgd:8.2f}{mem_txt}')
+
+
+if __name__ == '__main__':
+    main()
