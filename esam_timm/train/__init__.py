@@ -5,10 +5,10 @@ can reuse :class:`Trainer` (with ``step_callbacks``) or its pieces.
 """
 from .config import args_to_yaml, build_parser, parse_args, validate_args
 from .logging import StepMeter, WandbLogger, format_train_line, setup_logging, write_summary
-from .trainer import CheckpointManager, Trainer, apply_cifar_stem, resolve_lr, train
+from .trainer import CheckpointManager, Trainer, resolve_lr, train
 
 __all__ = [
     'args_to_yaml', 'build_parser', 'parse_args', 'validate_args', 'StepMeter', 'WandbLogger',
     'format_train_line', 'setup_logging', 'write_summary', 'CheckpointManager', 'Trainer',
-    'apply_cifar_stem', 'resolve_lr', 'train',
+    'resolve_lr', 'train',
 ]

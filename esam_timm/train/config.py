@@ -97,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help='only 1 is supported: ESAM selects samples and perturbs per batch')
     group.add_argument('--model-kwargs', nargs='*', default={}, type=_kv_pair, metavar='K=V',
                        help='extra timm.create_model keyword arguments')
-    group.add_argument('--cifar-stem', action='store_true', default=False,
-                       help='replace a timm ResNet stem by the 3x3 stride-1 CIFAR stem without max-pool')
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                        metavar='BACKEND', help='torch.compile the model (default backend inductor)')
 

@@ -36,7 +36,7 @@ from esam_timm import create_per_sample_loss, find_sam, train_step
 from .config import args_to_yaml
 from .logging import StepMeter, ProgressBar, WandbLogger, format_train_line, write_summary
 
-__all__ = ['Trainer', 'train', 'CHECKPOINT_VERSION', 'apply_cifar_stem', 'resolve_lr']
+__all__ = ['Trainer', 'train', 'CHECKPOINT_VERSION', 'resolve_lr']
 
 _logger = logging.getLogger(__name__)
 
@@ -56,23 +56,6 @@ def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
     if scale == 'sqrt':
         ratio = math.sqrt(ratio)
     return args.lr_base * ratio
-
-
-def apply_cifar_stem(model: nn.Module) -> nn.Module:
-    """Replace a timm ResNet's 7x7/2 stem and max-pool by the 3x3/1 stem CIFAR ResNets use.
-
-    Why: the paper's CIFAR ResNet-18 keeps 32x32 resolution into the first stage; timm's ImageNet stem
-    would shrink it to 8x8. The new conv gets timm's ResNet init (Kaiming normal, fan-out).
-    """
-    conv1, maxpool = getattr(model, 'conv1', None), getattr(model, 'maxpool', None)
-    if not isinstance(conv1, nn.Conv2d) or maxpool is None:
-        raise ValueError(f'--cifar-stem needs a timm ResNet with a single conv1 stem and a maxpool; '
-                         f'{type(model).__name__} has conv1={type(conv1).__name__}')
-    conv = nn.Conv2d(conv1.in_channels, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')
-    model.conv1 = conv
-    model.maxpool = nn.Identity()
-    return model
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
@@ -347,8 +330,6 @@ class Trainer:
             args.model, pretrained=args.pretrained, num_classes=self.num_classes, in_chans=in_chans,
             drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
             bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, **kwargs)
-        if args.cifar_stem:
-            apply_cifar_stem(model)
         if args.initial_checkpoint:
             from timm.models import load_checkpoint
             load_checkpoint(model, args.initial_checkpoint)
