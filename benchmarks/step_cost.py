@@ -1,18 +1,21 @@
 """Cost of one training step for SGD, SAM and ESAM through esam_timm.train_step.
 
 Each method gets its own model copy and optimizer; steps are interleaved (SGD, SAM, ESAM, SGD, ...) so
-machine noise hits all of them alike, and each method reports its median step time as a ratio to SGD.
-Peak memory: on CUDA torch's peak allocation per method; on the CPU the peak RSS growth of a fresh
-child process running that method alone (an upper bound that includes allocator slack).
+machine noise hits all of them alike; each method reports the median over rounds of its step time
+divided by the SGD step time of the same round (and the range of those ratios).
+Peak memory during a step, above what the model, optimizer state and batch hold: on CUDA torch's
+peak allocation; on the CPU glibc's peak live heap (mallinfo2, polled) in a fresh child process per
+method, i.e. the bytes really in use, not the allocator's cached slack that RSS would include.
 
     python benchmarks/step_cost.py                      # CPU: resnet18 (CIFAR stem), 32 px, batch 128
     python benchmarks/step_cost.py --device cuda        # ResNet-50, 224 px, bf16, channels-last
 """
 import argparse
 import copy
+import ctypes
 import multiprocessing as mp
-import resource
 import statistics
+import threading
 import time
 from typing import Callable, Dict, List, Tuple
 
@@ -79,16 +82,57 @@ def make_stepper(args: argparse.Namespace, model, optimizer) -> Callable[[], Non
     return step
 
 
-def cpu_peak_rss_growth(args: argparse.Namespace, method: str, queue) -> None:
-    """Runs in a fresh (spawned) process: RSS growth over a few steps of one method, model built first."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks',
+        'keepcost')]
+
+
+class LiveHeapSampler:
+    """Peak of the bytes malloc has handed out and not yet taken back (glibc mallinfo2: heap in use +
+    mmapped chunks), polled from a thread. Unlike RSS it excludes freed memory the allocator keeps."""
+
+    def __init__(self, interval_s: float = 0.0005) -> None:
+        self._mallinfo2 = ctypes.CDLL('libc.so.6').mallinfo2
+        self._mallinfo2.restype = _MallInfo2
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def live_bytes(self) -> int:
+        info = self._mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.live_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> 'LiveHeapSampler':
+        self.peak = self.live_bytes()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cpu_peak_live_heap(args: argparse.Namespace, method: str, queue) -> None:
+    """Runs in a fresh (spawned) process: peak live heap over a few steps of one method, above the
+    live heap after the model, optimizer and batch were built and one step was taken."""
     torch.manual_seed(0)
     base = timm.create_model(args.model, num_classes=args.num_classes).train()
     model, optimizer = build(args, base, method)
     step = make_stepper(args, model, optimizer)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
-        step()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    step()  # optimizer state (momentum buffers) exists from here on for every method
+    sampler = LiveHeapSampler()
+    baseline = sampler.live_bytes()
+    with sampler:
+        for _ in range(2):
+            step()
+    queue.put(sampler.peak - baseline)
 
 
 def main() -> None:
@@ -128,21 +172,22 @@ def main() -> None:
         ctx = mp.get_context('spawn')  # fork after OpenMP work can deadlock
         for method in METHODS:
             queue = ctx.Queue()
-            child = ctx.Process(target=cpu_peak_rss_growth, args=(args, method, queue))
+            child = ctx.Process(target=cpu_peak_live_heap, args=(args, method, queue))
             child.start()
             peak[method] = queue.get()
             child.join()
 
-    sgd = statistics.median(times['sgd'])
     print(f'\nmodel {args.model}, {args.img_size} px, batch {args.batch_size}, device {args.device}, '
           f'amp {args.amp_dtype}, channels_last {args.channels_last}, threads {torch.get_num_threads()}, '
-          f'{args.steps} interleaved steps per method; parameters {param_bytes / 2**20:.1f} MiB')
-    print(f'{"method":<15}{"median ms":>10}{"x SGD":>8}{"peak mem MiB":>14}{"extra vs SGD MiB":>18}')
+          f'{args.steps} interleaved rounds; parameters {param_bytes / 2**20:.1f} MiB')
+    print(f'{"method":<15}{"median ms":>10}{"x SGD":>8}{"range":>13}{"peak mem MiB":>14}{"extra vs SGD MiB":>18}')
     for method, t in times.items():
-        median = statistics.median(t)
+        # each round's step time over the SGD step of the same round: noise common to a round cancels
+        ratios = [a / b for a, b in zip(t, times['sgd'])]
         mem = peak.get(method)
         mem_txt = f'{mem / 2**20:14.0f}{(mem - peak["sgd"]) / 2**20:18.0f}' if mem is not None else ''
-        print(f'{method:<15}{median * 1e3:10.1f}{median / sgd:8.2f}{mem_txt}')
+        print(f'{method:<15}{statistics.median(t) * 1e3:10.1f}{statistics.median(ratios):8.2f}'
+              f'{min(ratios):7.2f}-{max(ratios):<5.2f}{mem_txt}')
 
 
 if __name__ == '__main__':
