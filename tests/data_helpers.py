@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from esam_timm.data.make_shards import ShardRecord, write_info
+from esam_timm.data.shards import ShardRecord, write_info
 
 IMAGE_SIZE = 32
 

@@ -7,7 +7,8 @@ from timm.data import create_dataset
 
 from data_helpers import records_for, write_image_folder
 from esam_timm.data import create_val_loader, make_shards, resolve_source, write_split
-from esam_timm.data.make_shards import main, shard_sizes
+from esam_timm.data.make_shards import main
+from esam_timm.data.shards import shard_sizes
 
 COUNTS = {'train': {'cat': 5, 'dog': 3, 'emu': 4}, 'val': {'cat': 2, 'dog': 2, 'emu': 1}}
 

@@ -1,7 +1,7 @@
 """Data layer: WebDataset sources and loaders, the device-side prefetcher, shard writer, demo data."""
 from .demo import make_demo_dataset
 from .loader import DevicePrefetcher
-from .make_shards import ShardRecord, make_shards, write_info, write_split
+from .shards import ShardRecord, make_shards, write_info, write_split
 from .wds import (
     DataStats,
     ShardSource,

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .make_shards import INFO_NAME, ShardRecord, write_info, write_split
+from .shards import INFO_NAME, ShardRecord, write_info, write_split
 
 _logger = logging.getLogger(__name__)
 
