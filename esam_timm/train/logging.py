@@ -67,14 +67,15 @@ class StepMeter:
     def read(self, world_size: int = 1) -> Dict[str, float]:
         """Interval averages as floats (one host sync); loss is averaged over ranks when distributed.
 
-        ``perturb_skipped`` is the count of skipped ascents on this rank; samples/s is global.
+        ``perturb_skipped`` is the count of skipped ascents summed over all ranks; samples/s is global.
         """
         out: Dict[str, float] = {}
         for key, total in self._sums.items():
-            if key == 'loss' and world_size > 1 and torch.distributed.is_initialized():
+            if key in ('loss', 'perturb_skipped') and world_size > 1 and torch.distributed.is_initialized():
                 total = total.clone()
                 torch.distributed.all_reduce(total)
-                total = total / world_size
+                if key == 'loss':
+                    total = total / world_size
             value = total.item()
             out[key] = value if key == 'perturb_skipped' else value / self._counts[key]
         elapsed = max(time.perf_counter() - self.start, 1e-9)

@@ -551,7 +551,6 @@ class Trainer:
                 _seed_everything(_step_seed(args.seed, self.rank, epoch, batch_idx))
                 next(batches)
         interval, whole = StepMeter(), StepMeter()
-        skipped = torch.zeros((), device=self.device)
         bar = ProgressBar(n - start_batch, f'epoch {epoch}', enabled=self.is_primary and not args.no_progress)
         amp = dict(amp_dtype=self.amp_dtype, scaler=self.scaler, clip_grad=args.clip_grad,
                    clip_mode=args.clip_mode, bn_mode=args.esam_bn_mode)
@@ -568,16 +567,13 @@ class Trainer:
             self.num_updates += 1
             if self.model_ema is not None:
                 self.model_ema.update(self.model, step=self.num_updates)
-            if 'perturb_skipped' in stats:
-                skipped = skipped + stats['perturb_skipped']
             interval.update(stats, inputs.shape[0], data_time)
             whole.update(stats, inputs.shape[0], data_time)
             done = batch_idx + 1
             bar.update()
             if done % args.log_interval == 0 or done == n:
-                self._log_interval(epoch, done, interval, skipped)
+                self._log_interval(epoch, done, interval)
                 interval.reset()
-                skipped = torch.zeros((), device=self.device)
             if self.scheduler is not None:
                 self.scheduler.step_update(num_updates=self.num_updates)
             if args.recovery_interval and done % args.recovery_interval == 0 and done < n:
@@ -589,11 +585,9 @@ class Trainer:
         metrics['skipped_steps'] = metrics.pop('perturb_skipped', 0.0)
         return metrics
 
-    def _log_interval(self, epoch: int, done: int, meter: StepMeter, skipped: torch.Tensor) -> None:
+    def _log_interval(self, epoch: int, done: int, meter: StepMeter) -> None:
         metrics = meter.read(self.world_size)
-        if self.distributed:
-            dist.all_reduce(skipped)
-        self.skipped_total += int(skipped.item())
+        self.skipped_total += int(metrics.get('perturb_skipped', 0))
         lr = self._lr()
         if not self.is_primary:
             return
