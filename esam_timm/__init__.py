@@ -11,7 +11,7 @@ from . import models  # registers resnet18_cifar in timm
 from .losses import PerSampleBinaryCrossEntropy, PerSampleCrossEntropy, create_per_sample_loss, per_sample_loss
 from .optim import ESAM, SAM, find_sam
 from .registry import register_optimizers
-from .selection import get_selection_rule, num_selected, register_selection_rule
+from .selection import SDSMode, get_sds_mode, list_sds_modes, num_selected, register_sds_mode
 from .step import train_step
 
 register_optimizers()
@@ -20,5 +20,5 @@ __version__ = '0.1.0'
 __all__ = [
     'ESAM', 'SAM', 'find_sam', 'train_step', 'register_optimizers', 'create_per_sample_loss',
     'per_sample_loss', 'PerSampleCrossEntropy', 'PerSampleBinaryCrossEntropy', 'num_selected',
-    'get_selection_rule', 'register_selection_rule',
+    'SDSMode', 'get_sds_mode', 'list_sds_modes', 'register_sds_mode',
 ]

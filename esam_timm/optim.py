@@ -9,12 +9,13 @@ Like timm's ``Lookahead``, the wrapper shares its base optimizer's ``param_group
 LR schedulers, ``zero_grad`` and GradScaler work on it unchanged, and ``state_dict()`` is the base
 optimizer's plus an ``'esam'`` entry with the SWP generator state.
 """
-import contextlib
 import math
-from typing import Any, Dict, Iterator, List, Optional, Type, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Type, Union
 
 import torch
 from torch.optim import Optimizer
+
+from .selection import SDSMode, get_sds_mode
 
 __all__ = ['ESAM', 'SAM', 'find_sam']
 
@@ -71,13 +72,17 @@ class ESAM(Optimizer):
             values assume).
         beta: SWP keep probability: each parameter tensor is drawn into the ascent with probability beta.
         gamma: SDS share of the batch used for the second forward/backward (k = max(1, round(gamma*B))).
+        sds: how SDS picks those samples (see :mod:`esam_timm.selection`): ``'exact'`` (the paper: an
+            extra no-grad forward measures each sample's sharpness), ``'first-order'`` (the classifier
+            layer's first-order estimate from the first pass, no extra forward) or ``'loss'`` (the
+            highest clean losses, no extra forward); or a registered name / ``SDSMode``.
         adaptive: ASAM-style ascent ``e = rho * w^2 g / ||w g|| / beta``.
         seed: seed of the dedicated SWP generator; every DDP rank must use the same seed.
         lr, weight_decay, momentum, foreach, **kwargs: passed to the base optimizer (timm filters
             those the base optimizer does not take, e.g. momentum for AdamW).
 
     The ascent is run by :func:`esam_timm.train_step`; a custom loop can drive it by hand with
-    :meth:`swp_subset`, :meth:`perturb`, :meth:`restore` and then :meth:`step`.
+    :meth:`draw_swp`, :meth:`perturb`, :meth:`restore` and then :meth:`step`.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class ESAM(Optimizer):
             rho: float = 0.05,
             beta: float = 1.0,
             gamma: float = 1.0,
+            sds: Union[str, SDSMode] = 'exact',
             adaptive: bool = False,
             seed: int = 0,
             lr: Optional[float] = None,
@@ -100,6 +106,7 @@ class ESAM(Optimizer):
         self.rho = float(rho)
         self.beta = _check_fraction('beta', beta)
         self.gamma = _check_fraction('gamma', gamma)
+        self.sds = sds
         self.adaptive = bool(adaptive)
         self.base_optimizer = _create_base_optimizer(
             params, base_optimizer, lr, weight_decay, momentum, foreach, kwargs)
@@ -113,7 +120,17 @@ class ESAM(Optimizer):
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(rho={self.rho}, beta={self.beta}, gamma={self.gamma}, '
-                f'adaptive={self.adaptive}, base_optimizer={self.base_optimizer!r})')
+                f'sds={self.sds!r}, adaptive={self.adaptive}, base_optimizer={self.base_optimizer!r})')
+
+    @property
+    def sds(self) -> Union[str, SDSMode]:
+        """The SDS mode: a registered name (``'exact'``, ``'first-order'``, ``'loss'``) or an ``SDSMode``."""
+        return self._sds
+
+    @sds.setter
+    def sds(self, mode: Union[str, SDSMode]) -> None:
+        self.sds_mode = get_sds_mode(mode)  # validates; raises with the valid names
+        self._sds = mode
 
     @property
     def is_second_order(self) -> bool:
@@ -122,30 +139,23 @@ class ESAM(Optimizer):
     def _params(self) -> List[torch.Tensor]:
         return [p for group in self.param_groups for p in group['params']]
 
-    @contextlib.contextmanager
-    def swp_subset(self) -> Iterator[List[torch.Tensor]]:
-        """Draw the SWP subset for one step and hide the other tensors from autograd while inside.
+    def draw_swp(self, always: Sequence[torch.Tensor] = ()) -> List[torch.Tensor]:
+        """Draw the SWP subset for one step: the trainable tensors whose gradient the first backward needs.
 
-        Each parameter tensor is kept with probability ``beta`` (a draw from :attr:`generator`, so every
-        rank draws the same subset). Inside the context the tensors not drawn have
-        ``requires_grad=False``: autograd skips their weight-gradient kernels in the first backward,
-        which is the compute SWP saves. On exit every tensor gets its own original flag back, so frozen
-        tensors stay frozen. Yields the drawn trainable tensors (possibly empty for tiny models).
+        Each parameter tensor is kept with probability ``beta`` (one draw per tensor from
+        :attr:`generator`, so every rank draws the same subset and a run replays from its seed).
+        Tensors in ``always`` join whatever the draw says (the first-order SDS estimate needs the
+        classifier's ascent); they do not change the draw of the others. The caller restricts the first
+        backward to the result (``loss.backward(inputs=drawn)``): autograd then skips the other tensors'
+        weight-gradient kernels, which is the compute SWP saves, without touching ``requires_grad``
+        (``torch.compile`` guards on it, so toggling it would recompile every step). May be empty.
         """
         params = self._params()
         if self.beta >= 1.0:
-            yield [p for p in params if p.requires_grad]
-            return
+            return [p for p in params if p.requires_grad]
         keep = (torch.rand(len(params), generator=self.generator) < self.beta).tolist()
-        hidden = [p for p, k in zip(params, keep) if not k and p.requires_grad]
-        drawn = [p for p, k in zip(params, keep) if k and p.requires_grad]
-        try:
-            for p in hidden:
-                p.requires_grad_(False)
-            yield drawn
-        finally:
-            for p in hidden:
-                p.requires_grad_(True)
+        forced = {id(p) for p in always}
+        return [p for p, k in zip(params, keep) if p.requires_grad and (k or id(p) in forced)]
 
     @torch.no_grad()
     def perturb(self, skip_non_finite: bool = False) -> Dict[str, torch.Tensor]:
@@ -202,7 +212,7 @@ class ESAM(Optimizer):
         if closure is not None:
             raise ValueError(
                 'ESAM.step() takes no closure: run the ascent with esam_timm.train_step(), or by hand '
-                'with swp_subset() / perturb() / restore(), then call step().')
+                'with draw_swp() / perturb() / restore(), then call step().')
         if self._perturbed:
             raise RuntimeError('ESAM.step() called while the weights are perturbed: call restore() first.')
         self.base_optimizer.step()

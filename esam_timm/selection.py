@@ -1,21 +1,62 @@
-"""Sharpness-sensitive Data Selection (SDS): which samples of a batch get the second backward.
+"""Sharpness-sensitive Data Selection (SDS): which samples of a batch get ESAM's second backward.
 
-A selection rule maps per-sample sharpness ``l_i(w+e) - l_i(w)`` (and the clean losses, for rules that
-need them, e.g. ones robust to label noise) to the indices of exactly ``k`` samples. ``k`` is fixed by
-the batch size alone, so every DDP rank selects the same number of samples and compiled graphs see one
-shape. Add a rule with :func:`register_selection_rule`; the training step never changes.
+An SDS mode is a per-sample *signal* and a *rule* that picks exactly ``k`` samples from it. The
+signals differ in what they cost:
+
+- ``'exact'`` (the paper, the default): ``l_i(w+e) - l_i(w)`` from an extra no-grad forward F2 over the
+  whole batch at ``w + e``. Step cost (forward = 1, backward = 2): ``3 + beta + 3 gamma``.
+- ``'first-order'``: the classifier layer's first-order term of that rise,
+  ``delta_i . (e_W h_i + e_b)`` with ``delta_i = dl_i/dz_i`` the per-sample logit gradient and ``h_i`` the
+  classifier's input, both from F1/B1. Exact in closed form for that layer; no F2, so
+  ``2 + beta + 3 gamma``.
+- ``'loss'``: the clean loss ``l_i(w)`` (K-SAM-like: the hardest samples); no F2, no estimate.
+
+``k = max(1, round(gamma * B))`` is fixed by the batch size alone, so every DDP rank selects the same
+number of samples and compiled graphs see one shape. The mode is owned by the optimizer
+(``ESAM(sds=...)``, ``create_optimizer_v2(..., sds=...)``, ``--esam-sds``); add one with
+:func:`register_sds_mode`; the training step never changes.
 """
-from typing import Callable, Dict, List, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ['SelectionRule', 'num_selected', 'top_k_sharpness', 'register_selection_rule',
-           'get_selection_rule', 'list_selection_rules']
+__all__ = ['SDS_SIGNALS', 'SelectionRule', 'SDSMode', 'num_selected', 'top_k', 'first_order_sharpness',
+           'register_sds_mode', 'get_sds_mode', 'list_sds_modes']
+
+SDS_SIGNALS = ('exact', 'first-order', 'loss')
 
 SelectionRule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-"""``rule(sharpness [B], clean_loss [B], k) -> LongTensor [k]`` of distinct sample indices."""
+"""``rule(score [B], clean_loss [B], k) -> LongTensor [k]`` of distinct sample indices."""
 
-_RULES: Dict[str, SelectionRule] = {}
+
+def top_k(score: torch.Tensor, clean_loss: torch.Tensor, k: int) -> torch.Tensor:
+    """The paper's rule: the ``k`` samples with the largest score (exact top-k)."""
+    return torch.topk(score, k).indices
+
+
+@dataclass(frozen=True)
+class SDSMode:
+    """One way to choose the samples of the second pass.
+
+    Args:
+        signal: the per-sample score handed to ``rule``: ``'exact'`` (sharpness measured by F2),
+            ``'first-order'`` (the classifier-layer estimate) or ``'loss'`` (the clean loss).
+        rule: ``rule(score, clean_loss, k)`` returning the ``k`` selected indices.
+    """
+    signal: str
+    rule: SelectionRule = top_k
+
+    def __post_init__(self) -> None:
+        if self.signal not in SDS_SIGNALS:
+            raise ValueError(f'SDS signal {self.signal!r} is invalid: valid signals are {list(SDS_SIGNALS)}.')
+
+    @property
+    def needs_f2(self) -> bool:
+        return self.signal == 'exact'
+
+
+_MODES: Dict[str, SDSMode] = {}
 
 
 def num_selected(gamma: float, batch_size: int) -> int:
@@ -23,28 +64,40 @@ def num_selected(gamma: float, batch_size: int) -> int:
     return min(batch_size, max(1, round(gamma * batch_size)))
 
 
-def top_k_sharpness(sharpness: torch.Tensor, clean_loss: torch.Tensor, k: int) -> torch.Tensor:
-    """The paper's rule: the ``k`` samples whose loss rises most at the ascent point (exact top-k)."""
-    return torch.topk(sharpness, k).indices
+def first_order_sharpness(logit_grad: torch.Tensor, features: torch.Tensor, e_weight: torch.Tensor,
+                          e_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-sample first-order loss rise from perturbing a linear classifier ``z = W h + b`` by ``e``.
+
+    ``l_i(W + e_W, b + e_b) - l_i(W, b) ~ delta_i . (e_W h_i + e_b)`` with ``delta_i = dl_i/dz_i``
+    ([B, C]) and ``h_i`` the classifier input ([B, D]); computed in fp32. Returns [B].
+    """
+    shift = features.flatten(1).float() @ e_weight.float().t()
+    if e_bias is not None:
+        shift = shift + e_bias.float()
+    return (logit_grad.float() * shift).sum(1)
 
 
-def register_selection_rule(name: str, rule: SelectionRule) -> None:
-    """Make ``rule`` available to :func:`esam_timm.train_step` as ``selection=name``."""
-    _RULES[name] = rule
+def register_sds_mode(name: str, mode: SDSMode) -> None:
+    """Make ``mode`` available as ``ESAM(sds=name)`` and ``--esam-sds name``."""
+    if not isinstance(mode, SDSMode):
+        raise ValueError(f'register_sds_mode({name!r}, ...) takes an SDSMode, got {type(mode).__name__}.')
+    _MODES[name] = mode
 
 
-def list_selection_rules() -> List[str]:
-    return sorted(_RULES)
+def list_sds_modes() -> List[str]:
+    return list(_MODES)
 
 
-def get_selection_rule(rule: Union[str, SelectionRule]) -> SelectionRule:
-    """Resolve a rule name (or pass a callable through)."""
-    if callable(rule):
-        return rule
-    if rule not in _RULES:
-        raise ValueError(f'Unknown SDS selection rule {rule!r}: valid rules are {list_selection_rules()} '
-                         f'or a callable rule(sharpness, clean_loss, k) -> indices.')
-    return _RULES[rule]
+def get_sds_mode(mode: Union[str, SDSMode]) -> SDSMode:
+    """Resolve an SDS mode name (or pass an :class:`SDSMode` through)."""
+    if isinstance(mode, SDSMode):
+        return mode
+    if mode not in _MODES:
+        raise ValueError(f'Unknown SDS mode {mode!r}: valid modes are {list_sds_modes()} '
+                         f'or an esam_timm.selection.SDSMode(signal, rule).')
+    return _MODES[mode]
 
 
-register_selection_rule('topk', top_k_sharpness)
+register_sds_mode('exact', SDSMode('exact'))
+register_sds_mode('first-order', SDSMode('first-order'))
+register_sds_mode('loss', SDSMode('loss'))

@@ -2,11 +2,14 @@
 
 ESAM's passes for one batch of size B, with k = max(1, round(gamma * B)):
 
-1. F1 + B1 on the full batch at ``w``; tensors outside the SWP draw have no weight gradient in B1.
+1. F1 + B1 on the full batch at ``w``; B1 computes only the SWP-drawn tensors' gradients
+   (``backward(inputs=drawn)``: autograd skips the others' weight-gradient kernels).
 2. perturb: ``w -> w + e`` (:meth:`ESAM.perturb`).
-3. F2, no grad, on the full batch at ``w + e``: per-sample sharpness ``l_i(w+e) - l_i(w)``; skipped
-   when k == B (gamma = 1, i.e. SAM).
-4. SDS: a selection rule picks k samples (exact top-k by default).
+3. The SDS signal (the optimizer's ``sds`` mode, :mod:`esam_timm.selection`): ``'exact'`` runs F2, no
+   grad, on the full batch at ``w + e`` for each sample's ``l_i(w+e) - l_i(w)``; ``'first-order'``
+   computes the classifier layer's estimate from F1/B1; ``'loss'`` uses the clean losses. Nothing is
+   needed when k == B (gamma = 1, i.e. SAM).
+4. SDS: the mode's rule picks k samples (top-k of the signal).
 5. F3 + B3 on the selected samples at ``w + e``; restore ``w`` by copy; base optimizer step.
 
 What the engine gets right (see ``docs/esam-reference.md`` in the shared docs for why each matters):
@@ -18,7 +21,7 @@ running stats end the step as F1 left them (``bn_mode='clean'``) or as all passe
 (``bn_mode='all'``, the released code's behaviour); gradient clipping acts on the final gradient.
 """
 import contextlib
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,8 +29,9 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 from timm.utils import dispatch_clip_grad
 
+from .head import classifier_tap
 from .optim import ESAM, find_sam
-from .selection import SelectionRule, get_selection_rule, num_selected
+from .selection import first_order_sharpness, num_selected
 
 __all__ = ['train_step', 'BN_MODES', 'CLIP_MODES']
 
@@ -98,20 +102,30 @@ class _Passes:
         self.amp_dtype = amp_dtype
         self.scaler = scaler
 
-    def losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-sample losses [B] of one forward, in a fresh autocast context (never reuse one)."""
+    def losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses [B] (fp32) and the logits of one forward, in a fresh autocast context
+        (never reuse one: autocast caches its casts of the weights)."""
         with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.bfloat16,
                             enabled=self.amp_dtype is not None):
-            losses = self.loss_fn(self.model(inputs), targets)
+            logits = self.model(inputs)
+            losses = self.loss_fn(logits, targets)
         if losses.dim() != 1 or losses.shape[0] != inputs.shape[0]:
             raise ValueError(
                 f'loss_fn must return per-sample losses of shape [{inputs.shape[0]}], got shape '
                 f'{tuple(losses.shape)}: use esam_timm.losses (e.g. create_per_sample_loss) or a loss '
                 f'with reduction="none".')
-        return losses.float()
+        return losses.float(), logits
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+    def logit_grad(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample logit gradients ``dl_i/dz_i`` [B, C] (fp32), from the loss alone: the loss is
+        re-evaluated on detached logits and differentiated, so any per-sample loss (label smoothing,
+        soft targets, BCE) gives its own exact ``delta_i``."""
+        with torch.enable_grad():
+            z = logits.detach().float().requires_grad_(True)
+            return torch.autograd.grad(self.loss_fn(z, targets).sum(), z)[0]
+
+    def backward(self, loss: torch.Tensor, inputs: Optional[Sequence[torch.Tensor]] = None) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward(inputs=inputs)
 
     def finish(self, optimizer: torch.optim.Optimizer, clip_grad: Optional[float],
                clip_mode: str) -> torch.Tensor:
@@ -145,7 +159,6 @@ def train_step(
         clip_grad: Optional[float] = None,
         clip_mode: str = 'norm',
         bn_mode: str = 'clean',
-        selection: Union[str, SelectionRule] = 'topk',
 ) -> Dict[str, Any]:
     """Run one full parameter update of ``model`` on a batch and return its statistics.
 
@@ -160,12 +173,12 @@ def train_step(
         clip_grad, clip_mode: clip the final gradient ('norm', 'value' or 'agc', as in timm).
         bn_mode: 'clean' (running stats end as the clean pass F1 left them) or 'all' (every pass
             updates them, as the authors' code did).
-        selection: SDS rule name or callable (see :mod:`esam_timm.selection`).
 
     Returns:
         Tensors (no host sync is made for them; call ``.item()`` when logging): ``loss`` (mean clean
         loss over the batch) and ``grad_norm`` (norm of the final, unscaled gradient). For SAM/ESAM also
-        ``sharpness`` (mean of l_i(w+e) - l_i(w) over the batch), ``num_selected`` and
+        ``sharpness`` (mean of l_i(w+e) - l_i(w) over the batch; with SDS mode 'first-order' the mean
+        of its estimate; absent with 'loss', which measures none), ``num_selected`` and
         ``selected_fraction`` (Python numbers), ``perturb_norm`` (||e||), ``ascent_grad_norm`` and
         ``perturb_skipped`` (1 when a non-finite ascent gradient skipped the perturbation).
     """
@@ -179,21 +192,23 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     sam = find_sam(optimizer)
     if sam is None:
-        clean = passes.losses(inputs, targets)
+        clean, _ = passes.losses(inputs, targets)
         loss = clean.mean()
         passes.backward(loss)
         grad_norm = passes.finish(optimizer, clip_grad, clip_mode)
         return {'loss': loss.detach(), 'grad_norm': grad_norm}
     return _sam_step(passes, sam, optimizer, inputs, targets, clip_grad=clip_grad, clip_mode=clip_mode,
-                     bn_mode=bn_mode, selection=get_selection_rule(selection))
+                     bn_mode=bn_mode)
 
 
 def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-              targets: torch.Tensor, *, clip_grad: Optional[float], clip_mode: str, bn_mode: str,
-              selection: SelectionRule) -> Dict[str, Any]:
+              targets: torch.Tensor, *, clip_grad: Optional[float], clip_mode: str,
+              bn_mode: str) -> Dict[str, Any]:
     batch_size = inputs.shape[0]
     k = num_selected(sam.gamma, batch_size)
     full_batch = k == batch_size
+    mode = sam.sds_mode
+    signal = None if full_batch else mode.signal
     model = passes.model
     is_ddp = isinstance(model, DistributedDataParallel)
     rng = _RngFork(inputs.device)
@@ -203,26 +218,46 @@ def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer, inpu
         """DDP decides at forward time whether to sync: F1, B1 and F2 stay on this rank."""
         return model.no_sync() if is_ddp else contextlib.nullcontext()
 
-    with local_only(), sam.swp_subset() as drawn:
-        clean = passes.losses(inputs, targets)  # F1
+    head: List[torch.Tensor] = []
+    if signal == 'first-order':
+        classifier, tap = classifier_tap(model)
+        head = [p for p in (classifier.weight, classifier.bias) if p is not None]
+        tap.clear()
+    drawn = sam.draw_swp(always=head)  # the estimate needs the classifier's ascent e_W, e_b every step
+    if head and not any(p is head[0] for p in drawn):
+        raise ValueError("SDS mode 'first-order' needs the classifier's weight trainable and in the "
+                         "optimizer (its ascent e_W is the estimate's direction); use SDS mode 'exact' "
+                         "or 'loss'.")
+    with local_only():
+        clean, logits = passes.losses(inputs, targets)  # F1
         if drawn:
-            passes.backward(clean.mean())  # B1
+            passes.backward(clean.mean(), inputs=drawn)  # B1: the drawn tensors' gradients only
     clean = clean.detach()
+    if head:
+        features, logit_grad = _classifier_terms(passes, tap, logits, targets)
+    del logits
     stats_after_clean = torch._foreach_clone(stat_buffers) if stat_buffers else []
     ascent = sam.perturb(skip_non_finite=passes.scaler is not None)
     try:
-        if not full_batch:
+        if signal == 'exact':
             rng_after_clean = rng.get()
             rng.set(rng.start)  # F2 draws F1's dropout masks: delta_i measures sharpness, not noise
             with local_only(), torch.no_grad():
-                sharpness = passes.losses(inputs, targets) - clean  # F2
+                sharpness = passes.losses(inputs, targets)[0] - clean  # F2
             rng.set(rng_after_clean)
-            index = selection(sharpness, clean, k)
+            score = sharpness
+        elif signal == 'first-order':
+            e_weight, e_bias = (p.grad for p in head) if len(head) == 2 else (head[0].grad, None)
+            score = sharpness = first_order_sharpness(logit_grad, features, e_weight, e_bias)
+        elif signal == 'loss':
+            score = clean
+        if not full_batch:
+            index = mode.rule(score, clean, k)
             inputs, targets = _select(inputs, index), targets[index]
         optimizer.zero_grad(set_to_none=True)
         if full_batch:
             rng.set(rng.start)  # F3 covers F1's batch: same masks, so its losses give the sharpness
-        selected = passes.losses(inputs, targets)  # F3
+        selected, _ = passes.losses(inputs, targets)  # F3
         passes.backward(selected.mean())  # B3, all-reduced under DDP
     finally:
         sam.restore()  # w is back bitwise before any step, also when a pass raised
@@ -231,13 +266,36 @@ def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer, inpu
     if full_batch:
         sharpness = selected.detach() - clean
     grad_norm = passes.finish(optimizer, clip_grad, clip_mode)
-    return {
+    stats = {
         'loss': clean.mean(),
         'grad_norm': grad_norm,
-        'sharpness': sharpness.mean(),
         'num_selected': k,
         'selected_fraction': k / batch_size,
         'perturb_norm': ascent['perturb_norm'],
         'ascent_grad_norm': ascent['grad_norm'],
         'perturb_skipped': ascent['perturb_skipped'],
     }
+    if signal != 'loss':
+        stats['sharpness'] = sharpness.mean()
+    return stats
+
+
+def _classifier_terms(passes: _Passes, tap, logits: torch.Tensor,
+                      targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first-order estimate's inputs from F1: the classifier's input ``h`` [B, D] and the logit
+    gradients ``delta`` [B, C]. Checks, once per model, that the classifier's output is the model's."""
+    features = tap.features
+    if features is None or features.shape[0] != logits.shape[0]:
+        raise RuntimeError(
+            "SDS mode 'first-order' saw no classifier input in the first forward: the classifier hook "
+            "is missing from the model's graph. With torch.compile, run the first ESAM step before any "
+            "other call of the compiled model, or call esam_timm.head.classifier_tap(model) before "
+            "compiling.")
+    if not tap.verified:
+        if tap.logits.shape != logits.shape or not torch.equal(tap.logits.float(), logits.detach().float()):
+            raise ValueError(
+                "SDS mode 'first-order' needs the classifier's output to be the model's output (the "
+                f"logits), but the model changes it after its classifier ({tuple(tap.logits.shape)} -> "
+                f"{tuple(logits.shape)}); use SDS mode 'exact' or 'loss'.")
+        tap.verified = True
+    return features, passes.logit_grad(logits, targets)

@@ -66,8 +66,8 @@ def test_swp_draws_are_reproducible_from_the_seed():
         opt = ESAM(model().parameters(), 'sgd', lr=0.1, beta=0.5, seed=123)
         run = []
         for _ in range(5):
-            with opt.swp_subset() as drawn:
-                run.append([id_ for id_, p in enumerate(opt.param_groups[0]['params']) if any(p is d for d in drawn)])
+            drawn = opt.draw_swp()
+            run.append([id_ for id_, p in enumerate(opt.param_groups[0]['params']) if any(p is d for d in drawn)])
         draws.append(run)
     assert draws[0] == draws[1] and len({tuple(r) for r in draws[0]}) > 1
 

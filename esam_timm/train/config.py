@@ -1,7 +1,7 @@
 """Command line and YAML configuration of the ESAM training script.
 
 Flag names and meanings follow timm's ``train.py`` so that timm users can carry their command lines
-over; ESAM adds ``--rho``, ``--esam-beta``, ``--esam-gamma`` and ``--esam-bn-mode``.
+over; ESAM adds ``--rho``, ``--esam-beta``, ``--esam-gamma``, ``--esam-sds`` and ``--esam-bn-mode``.
 
 A ``-c/--config`` YAML file supplies defaults (keys are the argparse destinations, ``batch_size``
 or ``batch-size``); flags given on the command line override it. Unknown keys and invalid values are
@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from esam_timm.selection import list_sds_modes
 from esam_timm.step import BN_MODES, CLIP_MODES
 
 __all__ = ['build_parser', 'parse_args', 'validate_args', 'args_to_yaml']
@@ -121,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='ESAM share of weight tensors perturbed (SWP); 1 = all')
     group.add_argument('--esam-gamma', type=float, default=0.5,
                        help='ESAM share of samples kept for the second pass (SDS); 1 = all')
+    group.add_argument('--esam-sds', type=str, default='exact', metavar='MODE',
+                       help="how ESAM picks the samples of its second pass: 'exact' (the paper: an extra "
+                            "no-grad forward measures each sample's sharpness), 'first-order' (an estimate "
+                            "from the classifier layer, no extra forward) or 'loss' (highest clean loss)")
     group.add_argument('--esam-bn-mode', type=str, default='clean',
                        help="BatchNorm running stats under ESAM: 'clean' (from the clean pass only) or 'all' "
                             "(every pass, as the authors' code)")
@@ -318,6 +323,7 @@ def validate_args(args: argparse.Namespace) -> None:
     positive('rho', args.rho)
     in_range('esam-beta', args.esam_beta, 0., 1., lo_open=True)
     in_range('esam-gamma', args.esam_gamma, 0., 1., lo_open=True)
+    choice('esam-sds', args.esam_sds, list_sds_modes())
     choice('esam-bn-mode', args.esam_bn_mode, BN_MODES)
     positive('lr', args.lr)
     positive('lr-base', args.lr_base)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from esam_timm import create_per_sample_loss, find_sam, train_step
+from esam_timm.head import classifier_tap
 
 from .config import args_to_yaml
 from .logging import StepMeter, ProgressBar, WandbLogger, format_train_line, write_summary
@@ -434,7 +435,7 @@ class Trainer:
         if kind in ('esam', 'sam'):
             kwargs.update(base_optimizer=args.base_opt, rho=args.rho, seed=args.seed)
             if kind == 'esam':
-                kwargs.update(beta=args.esam_beta, gamma=args.esam_gamma)
+                kwargs.update(beta=args.esam_beta, gamma=args.esam_gamma, sds=args.esam_sds)
         kwargs.update(args.opt_kwargs)
         self.optimizer = create_optimizer_v2(
             self.model, opt=args.opt, lr=self.lr, weight_decay=args.weight_decay, momentum=args.momentum,
@@ -451,7 +452,7 @@ class Trainer:
                 updates_per_epoch=self.batches_per_epoch)
         if self.is_primary:
             what = (f'{type(self.sam).__name__}(rho={self.sam.rho}, beta={self.sam.beta}, gamma={self.sam.gamma}, '
-                    f'base={type(self.sam.base_optimizer).__name__})' if self.sam is not None
+                    f'sds={self.sam.sds}, base={type(self.sam.base_optimizer).__name__})' if self.sam is not None
                     else type(self.optimizer).__name__)
             _logger.info('Optimizer %s, lr %.4g for a global batch of %d', what, self.lr,
                          args.batch_size * self.world_size)
@@ -462,6 +463,8 @@ class Trainer:
         """torch.compile, then DDP around it (train_step finds DDP's no_sync on the outer module)."""
         args = self.args
         model = self.model
+        if self.sam is not None and self.sam.sds_mode.signal == 'first-order':
+            classifier_tap(model)  # checks the head now; a hook made before compiling is traced
         if args.torchcompile:
             model = torch.compile(model, backend=args.torchcompile)
         if self.distributed:
