@@ -1,14 +1,17 @@
-"""Cost of one training step for SGD, SAM and ESAM through esam_timm.train_step.
+"""Cost of one training step for SGD, SAM and ESAM (each SDS mode) through esam_timm.train_step.
 
-Each method gets its own model copy and optimizer; steps are interleaved (SGD, SAM, ESAM, SGD, ...) so
-machine noise hits all of them alike; each method reports the median over rounds of its step time
-divided by the SGD step time of the same round (and the range of those ratios).
+Each arm gets its own model copy and optimizer; steps are interleaved (SGD, SAM, ESAM, SGD, ...) so
+machine noise hits all of them alike; each arm reports the median over rounds of its step time
+divided by the eager SGD step time of the same round (and the range of those ratios). With
+``--compile`` every chosen method runs twice, eager and ``torch.compile``-d (inductor), side by side;
+compilation happens in the untimed warm-up steps.
 Peak memory during a step, above what the model, optimizer state and batch hold: on CUDA torch's
 peak allocation; on the CPU glibc's peak live heap (mallinfo2, polled) in a fresh child process per
 method, i.e. the bytes really in use, not the allocator's cached slack that RSS would include.
 
     python benchmarks/step_cost.py                      # CPU: resnet18 (CIFAR stem), 32 px, batch 128
-    python benchmarks/step_cost.py --device cuda        # ResNet-50, 224 px, bf16, channels-last
+    python benchmarks/step_cost.py --compile --no-memory --methods sgd 'esam(0.5,0.5)' 'esam-fo(0.5,0.5)'
+    python benchmarks/step_cost.py --device cuda        # ResNet-50, 224 px, bf16, channels-last, + compiled
 """
 import argparse
 import copy
@@ -23,6 +26,7 @@ import timm
 import torch
 
 import esam_timm
+from esam_timm.head import classifier_tap
 from esam_timm.losses import PerSampleCrossEntropy
 
 METHODS: Dict[str, Dict] = {
@@ -30,7 +34,12 @@ METHODS: Dict[str, Dict] = {
     'sam': dict(opt='sam', rho=0.05),
     'esam(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5),
     'esam(0.6,0.5)': dict(opt='esam', rho=0.05, beta=0.6, gamma=0.5),
+    'esam-fo(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='first-order'),
+    'esam-loss(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='loss'),
+    'esam-fo(0.5,0.3)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.3, sds='first-order'),
 }
+COMPILE_METHODS = ['sgd', 'esam(0.5,0.5)', 'esam-fo(0.5,0.5)']
+COMPILED = '+compile'
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,23 +53,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--steps', type=int, default=5, help='timed steps per method')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per method')
     parser.add_argument('--num-classes', type=int, default=None)
-    parser.add_argument('--no-memory', action='store_true', help='skip the CPU memory measurement')
+    parser.add_argument('--no-memory', action='store_true', help='skip the memory measurement')
+    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS),
+                        help='methods to time, eager (default: all)')
+    parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                        help=f'also time the methods among {" ".join(COMPILE_METHODS)} torch.compile-d '
+                             f'(inductor), side by side with eager (default: on for cuda)')
     args = parser.parse_args()
     cuda = args.device == 'cuda'
     defaults = dict(model='resnet50' if cuda else 'resnet18_cifar', img_size=224 if cuda else 32,
                     batch_size=256 if cuda else 128, amp_dtype='bfloat16' if cuda else 'none',
-                    channels_last=cuda, num_classes=1000 if cuda else 10)
+                    channels_last=cuda, num_classes=1000 if cuda else 10, compile=cuda)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    methods = list(dict.fromkeys(['sgd'] + args.methods))  # every ratio is to eager SGD of the same round
+    args.arms = methods + [m + COMPILED for m in methods if args.compile and m in COMPILE_METHODS]
     return args
 
 
-def build(args: argparse.Namespace, base: torch.nn.Module, method: str) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = copy.deepcopy(base)
-    spec = dict(METHODS[method])
+def build(args: argparse.Namespace, base: torch.nn.Module, arm: str) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The arm's model (compiled for a '+compile' arm) and its optimizer (built on the plain model)."""
+    model = copy.deepcopy(base)  # carries the base's classifier tap
+    spec = dict(METHODS[arm.removesuffix(COMPILED)])
     optimizer = timm.optim.create_optimizer_v2(model, spec.pop('opt'), lr=0.05, weight_decay=5e-4, momentum=0.9,
                                                **spec)
+    if arm.endswith(COMPILED):
+        model = torch.compile(model, backend='inductor')
     return model, optimizer
 
 
@@ -141,15 +160,20 @@ def main() -> None:
     base = timm.create_model(args.model, num_classes=args.num_classes).to(args.device).train()
     if args.channels_last:
         base = base.to(memory_format=torch.channels_last)
+    # Dynamo shares one compiled forward between instances of a class and does not guard on hooks:
+    # every copy gets the first-order SDS tap before anything is compiled.
+    classifier_tap(base)
     param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     steppers = {}
     peak: Dict[str, float] = {}
-    for method in METHODS:
+    for method in args.arms:
         model, optimizer = build(args, base, method)
         steppers[method] = make_stepper(args, model, optimizer)
+        warm_start = time.perf_counter()
         for _ in range(args.warmup):
             steppers[method]()
-    times: Dict[str, List[float]] = {m: [] for m in METHODS}
+        print(f'{method}: {args.warmup} warm-up steps in {time.perf_counter() - warm_start:.1f} s', flush=True)
+    times: Dict[str, List[float]] = {m: [] for m in args.arms}
     for i in range(args.steps):
         for method, step in steppers.items():
             start = time.perf_counter()
@@ -158,8 +182,10 @@ def main() -> None:
         print(f'round {i + 1}/{args.steps}: ' + ', '.join(f'{m} {t[-1] * 1e3:.0f} ms' for m, t in times.items()),
               flush=True)
     steppers.clear()  # free the timed models before measuring memory one method at a time
-    if args.device == 'cuda':
-        for method in METHODS:
+    if args.no_memory:
+        pass
+    elif args.device == 'cuda':
+        for method in args.arms:
             model, optimizer = build(args, base, method)
             step = make_stepper(args, model, optimizer)
             step()
@@ -168,9 +194,9 @@ def main() -> None:
             step()
             peak[method] = torch.cuda.max_memory_allocated() - before
             del model, optimizer, step
-    elif not args.no_memory:
+    else:
         ctx = mp.get_context('spawn')  # fork after OpenMP work can deadlock
-        for method in METHODS:
+        for method in args.arms:
             queue = ctx.Queue()
             child = ctx.Process(target=cpu_peak_live_heap, args=(args, method, queue))
             child.start()
@@ -180,13 +206,13 @@ def main() -> None:
     print(f'\nmodel {args.model}, {args.img_size} px, batch {args.batch_size}, device {args.device}, '
           f'amp {args.amp_dtype}, channels_last {args.channels_last}, threads {torch.get_num_threads()}, '
           f'{args.steps} interleaved rounds; parameters {param_bytes / 2**20:.1f} MiB')
-    print(f'{"method":<15}{"median ms":>10}{"x SGD":>8}{"range":>13}{"peak mem MiB":>14}{"extra vs SGD MiB":>18}')
+    print(f'{"arm":<27}{"median ms":>10}{"x SGD":>8}{"range":>13}{"peak mem MiB":>14}{"extra vs SGD MiB":>18}')
     for method, t in times.items():
         # each round's step time over the SGD step of the same round: noise common to a round cancels
         ratios = [a / b for a, b in zip(t, times['sgd'])]
         mem = peak.get(method)
         mem_txt = f'{mem / 2**20:14.0f}{(mem - peak["sgd"]) / 2**20:18.0f}' if mem is not None else ''
-        print(f'{method:<15}{statistics.median(t) * 1e3:10.1f}{statistics.median(ratios):8.2f}'
+        print(f'{method:<27}{statistics.median(t) * 1e3:10.1f}{statistics.median(ratios):8.2f}'
               f'{min(ratios):7.2f}-{max(ratios):<5.2f}{mem_txt}')
 
 

@@ -2,11 +2,12 @@
 
 The estimate ``delta_i . (e_W h_i + e_b)`` needs each sample's classifier input ``h_i`` from the first
 forward. A forward hook on ``model.get_classifier()`` keeps a reference to it (detached, no copy). The
-hook is registered once per classifier and stays, so a ``torch.compile``-d model traces it into its
-graph (dynamo ignores hooks added after it compiled, so the first ESAM step must come before any other
-call of the compiled model, or the tap is made before compiling with :func:`classifier_tap`).
+hook is registered once per classifier and stays (a deep copy of the model carries its own), so a
+``torch.compile``-d model traces it into its graph. Dynamo does not guard on hooks: one added after
+the model (or another instance of its class) was compiled is never called, so make the tap with
+:func:`classifier_tap` before compiling (the trainer does; ``train_step`` makes it on its first call,
+which is early enough when that is the compiled model's first call).
 """
-import weakref
 from typing import Any, Optional, Tuple
 
 import torch
@@ -14,8 +15,6 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ['ClassifierTap', 'classifier_tap', 'unwrap_model']
-
-_TAPS: 'weakref.WeakKeyDictionary[nn.Module, ClassifierTap]' = weakref.WeakKeyDictionary()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -64,7 +63,5 @@ def classifier_tap(model: nn.Module, valid: str = "'exact' or 'loss'") -> Tuple[
             f"SDS mode 'first-order' needs a classifier that is a linear layer, but "
             f'{type(inner).__name__}.get_classifier() is {type(classifier).__name__} ({classifier!r}). '
             f'Use SDS mode {valid}.')
-    tap = _TAPS.get(classifier)
-    if tap is None:
-        tap = _TAPS[classifier] = ClassifierTap(classifier)
-    return classifier, tap
+    tap = next((hook for hook in classifier._forward_hooks.values() if isinstance(hook, ClassifierTap)), None)
+    return classifier, tap if tap is not None else ClassifierTap(classifier)

@@ -48,7 +48,8 @@ def record_before_step(base: torch.optim.Optimizer, params):
 def worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    reductions = {'sgd': [], 'esam': []}
+    reductions = {'sgd': [], 'esam': [], 'first-order': []}
+    params = {}
     for name in reductions:
         model = DistributedDataParallel(initial_model())
         calls = []
@@ -57,14 +58,15 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             optimizer = torch.optim.SGD(model.parameters(), lr=LR)
         else:
             optimizer = ESAM(model.parameters(), 'sgd', lr=LR, momentum=MOMENTUM, rho=RHO, beta=BETA, gamma=GAMMA,
-                             seed=SEED)
-            seen = record_before_step(optimizer.base_optimizer, list(model.module.parameters()))
+                             seed=SEED, sds='exact' if name == 'esam' else name)
+            if name == 'esam':
+                seen = record_before_step(optimizer.base_optimizer, list(model.module.parameters()))
         for x, y in rank_batches(rank):
             stats = train_step(model, optimizer, x, y, PerSampleCrossEntropy())
             reductions[name].append(len(calls))
         assert name == 'sgd' or stats['num_selected'] == BATCH // 2
-    torch.save({'params': [p.detach() for p in model.module.parameters()], 'reductions': reductions, **seen},
-               os.path.join(out_dir, f'rank{rank}.pt'))
+        params[name] = [p.detach() for p in model.module.parameters()]
+    torch.save({'params': params, 'reductions': reductions, **seen}, os.path.join(out_dir, f'rank{rank}.pt'))
     dist.destroy_process_group()
 
 
@@ -72,10 +74,11 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
 def test_ddp_esam_ranks_agree_and_match_local_ascent_emulation(tmp_path: Path):
     mp.spawn(worker, args=(str(tmp_path / 'init'), str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(WORLD)]
-    for p0, p1 in zip(results[0]['params'], results[1]['params']):
-        assert torch.equal(p0, p1)
-    # ESAM reduces exactly the buckets a plain SGD step reduces: only B3 was synced
-    assert results[0]['reductions']['esam'] == results[0]['reductions']['sgd']
+    for name in ('esam', 'first-order'):  # the first-order estimate stays per rank, k stays fixed
+        for p0, p1 in zip(results[0]['params'][name], results[1]['params'][name]):
+            assert torch.equal(p0, p1)
+        # ESAM reduces exactly the buckets a plain SGD step reduces: only B3 was synced
+        assert results[0]['reductions'][name] == results[0]['reductions']['sgd']
     assert results[0]['reductions']['sgd'][0] >= 1
 
     # single-process emulation from the weights each step started at: every rank ascends from its own
