@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 from timm.utils import dispatch_clip_grad
 
-from .head import classifier_tap
+from .head import ClassifierTap, classifier_tap
 from .optim import ESAM, find_sam
 from .selection import first_order_sharpness, num_selected
 
@@ -247,8 +247,8 @@ def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer, inpu
             rng.set(rng_after_clean)
             score = sharpness
         elif signal == 'first-order':
-            e_weight, e_bias = (p.grad for p in head) if len(head) == 2 else (head[0].grad, None)
-            score = sharpness = first_order_sharpness(logit_grad, features, e_weight, e_bias)
+            e_bias = head[1].grad if len(head) == 2 else None  # after perturb, .grad holds e
+            score = sharpness = first_order_sharpness(logit_grad, features, head[0].grad, e_bias)
         elif signal == 'loss':
             score = clean
         if not full_batch:
@@ -280,7 +280,7 @@ def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer, inpu
     return stats
 
 
-def _classifier_terms(passes: _Passes, tap, logits: torch.Tensor,
+def _classifier_terms(passes: _Passes, tap: ClassifierTap, logits: torch.Tensor,
                       targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The first-order estimate's inputs from F1: the classifier's input ``h`` [B, D] and the logit
     gradients ``delta`` [B, C]. Checks, once per model, that the classifier's output is the model's."""

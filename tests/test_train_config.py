@@ -102,6 +102,7 @@ def test_unknown_flag(capsys):
     (['--amp-dtype', 'float8'], "--amp-dtype must be one of ['bfloat16', 'float16'], got 'float8'"),
     (['--clip-mode', 'l3'], "--clip-mode must be one of ['norm', 'value', 'agc'], got 'l3'"),
     (['--esam-bn-mode', 'none'], "--esam-bn-mode must be one of ['clean', 'all'], got 'none'"),
+    (['--esam-sds', 'fast'], "--esam-sds must be one of ['exact', 'first-order', 'loss'], got 'fast'"),
     (['--sched', 'linear'], "--sched must be one of"),
     (['--model', 'resnet9000'], "--model 'resnet9000' is not a timm model"),
     (['--opt', 'sgdd'], "--opt 'sgdd' is not an optimizer timm knows"),

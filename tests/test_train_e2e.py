@@ -69,6 +69,31 @@ def test_end_to_end_learns(demo_dir, tmp_path, opt, selected):
         assert 'generator_state' in ckpt['optimizer']['esam']
 
 
+@pytest.mark.parametrize('sds', ['first-order', 'loss'])
+def test_f2_free_sds_from_the_cli(demo_dir, tmp_path, sds):
+    """The CLI's --esam-sds reaches the optimizer; the run trains (accuracy: benchmarks/accuracy.py)."""
+    trainer, metrics = _train(demo_dir, tmp_path, '--opt', 'esam', '--esam-sds', sds, '--epochs', '2')
+    assert trainer.sam.sds == sds and trainer.sam.sds_mode.signal == sds
+    rows = _summary(os.path.join(tmp_path, 'run'))
+    assert float(rows[1]['train_loss']) < float(rows[0]['train_loss'])
+    assert float(rows[0]['train_selected_share']) == 0.5
+    assert float(rows[0]['train_perturb_norm']) == pytest.approx(0.05 / 0.6, rel=1e-4)
+    assert ('train_sharpness' in rows[0]) == (sds == 'first-order')
+
+
+@pytest.mark.slow
+def test_torchcompile_first_order_run(demo_dir, tmp_path):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    trainer, metrics = _train(demo_dir, tmp_path, '--opt', 'esam', '--esam-sds', 'first-order', '--epochs', '1',
+                              '--torchcompile')
+    assert trainer.sam.sds == 'first-order' and metrics['train_selected_share'] == 0.5
+    assert 0.0 < metrics['train_sharpness'] < 10.0 and metrics['eval_top1'] > 0.0
+    # train F1 (batch 32), F3 (16 selected) and eval: a bounded set of graphs, none broken
+    assert counters['stats']['unique_graphs'] <= 6 and not counters['graph_break']
+
+
 def test_bf16_autocast_run(demo_dir, tmp_path):
     trainer, metrics = _train(demo_dir, tmp_path, '--opt', 'esam', '--epochs', '1', '--amp',
                               '--amp-dtype', 'bfloat16')
