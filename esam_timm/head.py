@@ -45,23 +45,23 @@ class ClassifierTap:
         self.features = self.logits = None
 
 
-def classifier_tap(model: nn.Module, valid: str = "'exact' or 'loss'") -> Tuple[nn.Linear, ClassifierTap]:
+def classifier_tap(model: nn.Module) -> Tuple[nn.Linear, ClassifierTap]:
     """The model's linear classifier and the tap on it (made on first use).
 
-    Raises ValueError naming the module when the model has no ``get_classifier()`` or its classifier is
-    not an ``nn.Linear`` (``valid`` names the SDS modes that need no classifier, for the message).
+    Raises ValueError naming the module, and the SDS modes that need no classifier, when the model has
+    no ``get_classifier()`` or its classifier is not an ``nn.Linear``.
     """
     inner = unwrap_model(model)
     get_classifier = getattr(inner, 'get_classifier', None)
     if get_classifier is None:
         raise ValueError(
             f"SDS mode 'first-order' needs a timm classifier (model.get_classifier()); "
-            f'{type(inner).__name__} has none. Use SDS mode {valid}.')
+            f"{type(inner).__name__} has none. Use SDS mode 'exact' or 'loss'.")
     classifier = get_classifier()
     if not isinstance(classifier, nn.Linear):
         raise ValueError(
             f"SDS mode 'first-order' needs a classifier that is a linear layer, but "
             f'{type(inner).__name__}.get_classifier() is {type(classifier).__name__} ({classifier!r}). '
-            f'Use SDS mode {valid}.')
+            "Use SDS mode 'exact' or 'loss'.")
     tap = next((hook for hook in classifier._forward_hooks.values() if isinstance(hook, ClassifierTap)), None)
     return classifier, tap if tap is not None else ClassifierTap(classifier)
