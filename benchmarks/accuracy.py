@@ -53,7 +53,13 @@ ARMS: Dict[str, Dict[str, Any]] = {
     'esam-first-order(0.5,0.5)': dict(opt='esam', sds='first-order', beta=0.5, gamma=0.5),
     'esam-loss(0.5,0.5)': dict(opt='esam', sds='loss', beta=0.5, gamma=0.5),
     'esam-first-order(0.5,0.3)': dict(opt='esam', sds='first-order', beta=0.5, gamma=0.3),
+    'esam-first-order(0.5,0.4)': dict(opt='esam', sds='first-order', beta=0.5, gamma=0.4),
+    'esam-loss(0.5,0.4)': dict(opt='esam', sds='loss', beta=0.5, gamma=0.4),
+    # beta 0.2 at rho 0.02 keeps ESAM(0.5, 0.5)'s radius ||e|| = rho / beta = 0.1
+    'esam-first-order(0.2,0.5)': dict(opt='esam', sds='first-order', beta=0.2, gamma=0.5, rho=0.02),
 }
+DEFAULT_ARMS = ['sgd', 'sam', 'esam-exact(0.5,0.5)', 'esam-first-order(0.5,0.5)', 'esam-loss(0.5,0.5)',
+                'esam-first-order(0.5,0.3)']
 TASKS: Dict[str, Dict[str, Any]] = {
     'small': dict(train_size=320, epochs=60, noise=0.0),
     'noisy': dict(train_size=1280, epochs=15, noise=0.3),
@@ -126,11 +132,13 @@ def augment(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tens
 
 def create_optimizer(model: nn.Module, arm: str, lr: float, weight_decay: float, rho: float,
                      seed: int) -> torch.optim.Optimizer:
-    """The arm's optimizer; SAM and ESAM wrap the same base as the SGD arm (timm's 'momentum')."""
+    """The arm's optimizer; SAM and ESAM wrap the same base as the SGD arm (timm's 'momentum'), with
+    ``rho`` unless the arm sets its own."""
     spec = dict(ARMS[arm])
     opt = spec.pop('opt')
     if opt != 'momentum':
-        spec.update(base_optimizer='momentum', rho=rho, seed=seed)
+        spec.update(base_optimizer='momentum', seed=seed)
+        spec.setdefault('rho', rho)
     return timm.optim.create_optimizer_v2(model, opt, lr=lr, weight_decay=weight_decay, momentum=0.9, **spec)
 
 
@@ -209,25 +217,30 @@ def summarize(runs: List[Dict[str, Any]], tasks: List[str], arms: List[str]) -> 
     return '\n'.join(lines)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arms', nargs='+', default=list(ARMS), choices=list(ARMS))
-    parser.add_argument('--tasks', nargs='+', default=list(TASKS), choices=TASKS)
-    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """The training-recipe flags this benchmark shares with ``sds_fidelity.py``."""
     parser.add_argument('--model', default='resnet10t', help='timm model name')
     parser.add_argument('--num-classes', type=int, default=10, help='demo classes (10 = one shape each)')
     parser.add_argument('--img-size', type=int, default=32)
-    parser.add_argument('--train-size', type=int, default=None, help='training images of every task (default: per task)')
     parser.add_argument('--test-size', type=int, default=500)
-    parser.add_argument('--noise', type=float, default=None, help='label-noise rate of every task (default: per task)')
     parser.add_argument('--data-seed', type=int, default=0)
-    parser.add_argument('--epochs', type=int, default=None, help='epochs of every task (default: per task)')
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--lr', type=float, default=0.05)
     parser.add_argument('--weight-decay', type=float, default=5e-4)
     parser.add_argument('--rho', type=float, default=0.05)
     parser.add_argument('--pad', type=int, default=4, help='random-crop padding (pixels)')
     parser.add_argument('--threads', type=int, default=2)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arms', nargs='+', default=DEFAULT_ARMS, choices=list(ARMS))
+    parser.add_argument('--tasks', nargs='+', default=list(TASKS), choices=TASKS)
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--train-size', type=int, default=None, help='training images of every task (default: per task)')
+    parser.add_argument('--noise', type=float, default=None, help='label-noise rate of every task (default: per task)')
+    parser.add_argument('--epochs', type=int, default=None, help='epochs of every task (default: per task)')
+    add_recipe_args(parser)
     parser.add_argument('--out', default='benchmarks/accuracy.json', help='JSON file for the per-run results')
     parser.add_argument('--quick', action='store_true', help='smoke run: first seed, 1 epoch, 256 train / 128 test')
     args = parser.parse_args()

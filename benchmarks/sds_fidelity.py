@@ -37,7 +37,7 @@ import torch.nn as nn
 import esam_timm
 from esam_timm.selection import SDSMode, first_order_sharpness
 
-from accuracy import evaluate, make_tasks, train  # benchmarks/accuracy.py, same recipe
+from accuracy import add_recipe_args, evaluate, make_tasks, train  # benchmarks/accuracy.py, same recipe
 
 SIGNALS = ('first-order', 'loss', 'random')
 
@@ -148,20 +148,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--noise', type=float, default=0.3, help='symmetric label-noise rate of the train labels')
     parser.add_argument('--beta', type=float, default=0.5)
     parser.add_argument('--gamma', type=float, default=0.5)
-    parser.add_argument('--rho', type=float, default=0.05)
     parser.add_argument('--seed', type=int, default=0, help='model init, data order, augmentation, SWP draws')
-    parser.add_argument('--model', default='resnet10t', help='timm model name')
-    parser.add_argument('--num-classes', type=int, default=10)
-    parser.add_argument('--img-size', type=int, default=32)
     parser.add_argument('--train-size', type=int, default=1280)
-    parser.add_argument('--test-size', type=int, default=500)
-    parser.add_argument('--data-seed', type=int, default=0)
     parser.add_argument('--epochs', type=int, default=15)
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--lr', type=float, default=0.05)
-    parser.add_argument('--weight-decay', type=float, default=5e-4)
-    parser.add_argument('--pad', type=int, default=4, help='random-crop padding (pixels)')
-    parser.add_argument('--threads', type=int, default=2)
+    add_recipe_args(parser)
     parser.add_argument('--out', default='benchmarks/sds_fidelity.json', help='JSON file for per-step records')
     parser.add_argument('--quick', action='store_true', help='smoke run: 2 epochs, 256 train / 128 test')
     args = parser.parse_args()

@@ -36,7 +36,10 @@ METHODS: Dict[str, Dict] = {
     'esam(0.6,0.5)': dict(opt='esam', rho=0.05, beta=0.6, gamma=0.5),
     'esam-fo(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='first-order'),
     'esam-loss(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='loss'),
+    'esam-fo(0.5,0.4)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.4, sds='first-order'),
+    'esam-loss(0.5,0.4)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.4, sds='loss'),
     'esam-fo(0.5,0.3)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.3, sds='first-order'),
+    'esam-fo(0.2,0.5)': dict(opt='esam', rho=0.02, beta=0.2, gamma=0.5, sds='first-order'),
 }
 COMPILE_METHODS = ['sgd', 'esam(0.5,0.5)', 'esam-fo(0.5,0.5)']
 COMPILED = '+compile'
