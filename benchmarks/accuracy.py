@@ -75,6 +75,7 @@ class Task:
     test_x: torch.Tensor
     test_y: torch.Tensor
     noisy_labels: int  # train labels that differ from the true class
+    mislabelled: torch.Tensor  # [N] bool: the train label differs from the true class
     epochs: int
 
 
@@ -112,8 +113,9 @@ def make_tasks(names: List[str], args: argparse.Namespace) -> Dict[str, Task]:
         labels = train['y'][:n]
         if spec['noise'] > 0:
             labels = flip_labels(labels, spec['noise'], num_classes, np.random.default_rng([data_seed, 2]))
-        tasks[name] = Task(name, train_x[:n], labels, test_x, test['y'],
-                           noisy_labels=int((labels != train['y'][:n]).sum()), epochs=spec['epochs'])
+        mislabelled = labels != train['y'][:n]
+        tasks[name] = Task(name, train_x[:n], labels, test_x, test['y'], noisy_labels=int(mislabelled.sum()),
+                           mislabelled=mislabelled, epochs=spec['epochs'])
     return tasks
 
 
@@ -145,7 +147,8 @@ def create_optimizer(model: nn.Module, arm: str, lr: float, weight_decay: float,
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
           epochs: int, batch_size: int, lr: float, pad: int, seed: int,
           before_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> Dict[str, float]:
-    """Train in train mode with a per-step cosine LR; ``before_step(epoch, targets)`` runs before each step.
+    """Train in train mode with a per-step cosine LR; ``before_step(epoch, index)`` runs before each step
+    with the training-set indices of its batch.
 
     Returns the number of steps, the training-loop seconds and the mean clean loss of the last epoch.
     """
@@ -165,7 +168,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y
             for group in optimizer.param_groups:
                 group['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             if before_step is not None:
-                before_step(epoch, targets)
+                before_step(epoch, index)
             epoch_loss += esam_timm.train_step(model, optimizer, inputs, targets, loss_fn)['loss']
             step += 1
     return {'steps': total, 'train_s': time.perf_counter() - start,

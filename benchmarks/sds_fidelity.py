@@ -16,6 +16,10 @@ tensor's ``.grad`` holds its ascent ``e``, so the rule also scores, for the SAME
 - loss: the clean loss ``l_i(w)`` of F1;
 - random: k samples drawn uniformly (recall@k expected gamma).
 
+With label noise it also reports the share of mislabelled samples in the batch and among the top-k
+of the exact sharpness, of the first-order estimate and of the clean loss: how much of each mode's
+second pass is spent on flipped labels.
+
 Per step: recall@k = |top-k of the signal & top-k of s| / k, and the Spearman rank correlation of the
 signal with ``s`` (ranks by argsort; float ties are broken by order). Every step is measured; a row
 of the table averages the steps of one epoch (first-order over the steps where it is defined).
@@ -64,8 +68,8 @@ def recall_at_k(chosen: torch.Tensor, reference: torch.Tensor, size: int) -> flo
 class FidelityProbe:
     """An exact-SDS rule that keeps the paper's choice and scores the F2-free signals at the same ``e``.
 
-    Set :attr:`epoch` and :attr:`targets` before each training step; :attr:`records` gets one dict
-    per step.
+    Set :attr:`epoch`, :attr:`targets` and :attr:`mislabelled` (the batch's flags) before each
+    training step; :attr:`records` gets one dict per step.
     """
 
     def __init__(self, model: nn.Module, seed: int) -> None:
@@ -77,6 +81,7 @@ class FidelityProbe:
         self.logits: Optional[torch.Tensor] = None
         self.epoch = 0
         self.targets: Optional[torch.Tensor] = None
+        self.mislabelled: Optional[torch.Tensor] = None
         self.records: List[Dict[str, Any]] = []
 
     def _hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
@@ -106,16 +111,20 @@ class FidelityProbe:
         record: Dict[str, Any] = {'epoch': self.epoch, 'k': k, 'batch': size,
                                   'classifier_drawn': signals['first-order'] is not None,
                                   'recall_random': recall_at_k(torch.randperm(size, generator=self.generator)[:k],
-                                                               exact, size)}
+                                                               exact, size),
+                                  'mislabelled_batch': float(self.mislabelled.float().mean()),
+                                  'mislabelled_exact': float(self.mislabelled[exact].float().mean())}
         for name, signal in signals.items():
             if signal is not None:
                 record[f'recall_{name}'] = recall_at_k(torch.topk(signal, k).indices, exact, size)
                 record[f'spearman_{name}'] = spearman(signal, score)
+                record[f'mislabelled_{name}'] = float(self.mislabelled[torch.topk(signal, k).indices].float().mean())
         self.records.append(record)
         return exact
 
 
-METRICS = [f'recall_{s}' for s in SIGNALS] + ['spearman_first-order', 'spearman_loss']
+METRICS = [f'recall_{s}' for s in SIGNALS] + ['spearman_first-order', 'spearman_loss', 'mislabelled_batch',
+                                               'mislabelled_exact', 'mislabelled_first-order', 'mislabelled_loss']
 
 
 def summary_row(label: str, records: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -135,8 +144,9 @@ def fmt(value: Optional[float]) -> str:
 def markdown(rows: List[Dict[str, Any]]) -> str:
     """Markdown table of summary rows."""
     lines = ['| epoch | steps | classifier drawn | recall@k first-order | recall@k loss | recall@k random '
-             '| Spearman first-order | Spearman loss |',
-             '|---|---|---|---|---|---|---|---|']
+             '| Spearman first-order | Spearman loss | mislabelled: batch | mislabelled in top-k: exact '
+             '| first-order | loss |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         lines.append(f'| {r["epoch"]} | {r["steps"]} | {r["classifier_drawn"]} | '
                      + ' | '.join(fmt(r[key]) for key in METRICS) + ' |')
@@ -181,13 +191,13 @@ def main() -> None:
     def epoch_row(epoch: int) -> Dict[str, Any]:
         return summary_row(str(epoch), [r for r in probe.records if r['epoch'] == epoch])
 
-    def before_step(epoch: int, targets: torch.Tensor) -> None:
+    def before_step(epoch: int, index: torch.Tensor) -> None:
         if epoch != probe.epoch:  # the previous epoch is complete: report it
             row = epoch_row(probe.epoch)
             print(f'epoch {probe.epoch}: recall@k first-order {fmt(row["recall_first-order"])} '
                   f'(classifier drawn {row["classifier_drawn"]}/{row["steps"]}), loss {fmt(row["recall_loss"])}, '
                   f'random {fmt(row["recall_random"])}; {time.perf_counter() - start:.0f} s', flush=True)
-        probe.epoch, probe.targets = epoch, targets
+        probe.epoch, probe.targets, probe.mislabelled = epoch, task.train_y[index], task.mislabelled[index]
 
     stats = train(model, optimizer, task.train_x, task.train_y, epochs=args.epochs, batch_size=args.batch_size,
                   lr=args.lr, pad=args.pad, seed=args.seed, before_step=before_step)
