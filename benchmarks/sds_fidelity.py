@@ -9,7 +9,7 @@ tensor's ``.grad`` holds its ascent ``e``, so the rule also scores, for the SAME
 
 - first-order: ``delta_i . (e_W h_i + e_b)``, the classifier layer's first-order loss rise, with
   ``h_i`` (classifier input) and the logits of the first forward F1 caught by a forward hook, and
-  ``delta_i = dl_i/dz_i`` by autograd of the per-sample loss on those detached logits. Only defined
+  ``delta_i = dl_i/dz_i`` from ``esam_timm.selection.logit_grad`` (the training step's own). Only defined
   on steps where SWP drew the classifier weight (probability beta; ``e_b = 0`` when the bias was not
   drawn). ``sds='first-order'`` training forces the classifier (weight and bias) into every draw
   without changing the other tensors' draws, so these steps are the ones that mode would see.
@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 import esam_timm
-from esam_timm.selection import SDSMode, first_order_sharpness
+from esam_timm.selection import SDSMode, first_order_sharpness, logit_grad
 
 from accuracy import add_recipe_args, evaluate, make_tasks, train  # benchmarks/accuracy.py, same recipe
 
@@ -96,9 +96,7 @@ class FidelityProbe:
         if e_weight is None:
             return None
         e_bias = self.classifier.bias.grad if self.classifier.bias is not None else None
-        with torch.enable_grad():
-            z = self.logits.float().detach().requires_grad_(True)
-            delta = torch.autograd.grad(self.loss_fn(z, self.targets).sum(), z)[0]
+        delta = logit_grad(self.loss_fn, self.logits, self.targets)
         return first_order_sharpness(delta, self.features, e_weight, e_bias)
 
     @torch.no_grad()

@@ -185,9 +185,8 @@ def main() -> None:
         print(f'round {i + 1}/{args.steps}: ' + ', '.join(f'{m} {t[-1] * 1e3:.0f} ms' for m, t in times.items()),
               flush=True)
     steppers.clear()  # free the timed models before measuring memory one method at a time
-    if args.no_memory:
-        pass
-    elif args.device == 'cuda':
+    measure_memory = not args.no_memory
+    if measure_memory and args.device == 'cuda':
         for method in args.arms:
             model, optimizer = build(args, base, method)
             step = make_stepper(args, model, optimizer)
@@ -197,7 +196,7 @@ def main() -> None:
             step()
             peak[method] = torch.cuda.max_memory_allocated() - before
             del model, optimizer, step
-    else:
+    elif measure_memory:
         ctx = mp.get_context('spawn')  # fork after OpenMP work can deadlock
         for method in args.arms:
             queue = ctx.Queue()

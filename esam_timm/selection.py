@@ -21,8 +21,8 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ['SDS_SIGNALS', 'SelectionRule', 'SDSMode', 'num_selected', 'top_k', 'first_order_sharpness',
-           'register_sds_mode', 'get_sds_mode', 'list_sds_modes']
+__all__ = ['SDS_SIGNALS', 'SelectionRule', 'SDSMode', 'num_selected', 'top_k', 'logit_grad',
+           'first_order_sharpness', 'register_sds_mode', 'get_sds_mode', 'list_sds_modes']
 
 SDS_SIGNALS = ('exact', 'first-order', 'loss')
 
@@ -62,6 +62,18 @@ _MODES: Dict[str, SDSMode] = {}
 def num_selected(gamma: float, batch_size: int) -> int:
     """Samples kept by SDS: ``max(1, round(gamma * batch_size))`` (Python's round), at most the batch."""
     return min(batch_size, max(1, round(gamma * batch_size)))
+
+
+def logit_grad(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
+               targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample logit gradients ``delta_i = dl_i/dz_i`` [B, C] (fp32), from the loss alone.
+
+    The per-sample loss is re-evaluated on detached fp32 logits and differentiated, so any such loss
+    (label smoothing, soft mixup targets, BCE) gives its own exact ``delta_i``; no backward hook needed.
+    """
+    with torch.enable_grad():
+        z = logits.detach().float().requires_grad_(True)
+        return torch.autograd.grad(loss_fn(z, targets).sum(), z)[0]
 
 
 def first_order_sharpness(logit_grad: torch.Tensor, features: torch.Tensor, e_weight: torch.Tensor,

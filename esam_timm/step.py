@@ -31,7 +31,7 @@ from timm.utils import dispatch_clip_grad
 
 from .head import ClassifierTap, classifier_tap
 from .optim import ESAM, find_sam
-from .selection import first_order_sharpness, num_selected
+from .selection import first_order_sharpness, logit_grad, num_selected
 
 __all__ = ['train_step', 'BN_MODES', 'CLIP_MODES']
 
@@ -115,14 +115,6 @@ class _Passes:
                 f'{tuple(losses.shape)}: use esam_timm.losses (e.g. create_per_sample_loss) or a loss '
                 f'with reduction="none".')
         return losses.float(), logits
-
-    def logit_grad(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-sample logit gradients ``dl_i/dz_i`` [B, C] (fp32), from the loss alone: the loss is
-        re-evaluated on detached logits and differentiated, so any per-sample loss (label smoothing,
-        soft targets, BCE) gives its own exact ``delta_i``."""
-        with torch.enable_grad():
-            z = logits.detach().float().requires_grad_(True)
-            return torch.autograd.grad(self.loss_fn(z, targets).sum(), z)[0]
 
     def backward(self, loss: torch.Tensor, inputs: Optional[Sequence[torch.Tensor]] = None) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward(inputs=inputs)
@@ -234,7 +226,7 @@ def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer, inpu
             passes.backward(clean.mean(), inputs=drawn)  # B1: the drawn tensors' gradients only
     clean = clean.detach()
     if head:
-        features, logit_grad = _classifier_terms(passes, tap, logits, targets)
+        features, delta = _classifier_terms(passes, tap, logits, targets)
     del logits
     stats_after_clean = torch._foreach_clone(stat_buffers) if stat_buffers else []
     ascent = sam.perturb(skip_non_finite=passes.scaler is not None)
@@ -248,7 +240,7 @@ def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer, inpu
             score = sharpness
         elif signal == 'first-order':
             e_bias = head[1].grad if len(head) == 2 else None  # after perturb, .grad holds e
-            score = sharpness = first_order_sharpness(logit_grad, features, head[0].grad, e_bias)
+            score = sharpness = first_order_sharpness(delta, features, head[0].grad, e_bias)
         elif signal == 'loss':
             score = clean
         if not full_batch:
@@ -298,4 +290,4 @@ def _classifier_terms(passes: _Passes, tap: ClassifierTap, logits: torch.Tensor,
                 f"logits), but the model changes it after its classifier ({tuple(tap.logits.shape)} -> "
                 f"{tuple(logits.shape)}); use SDS mode 'exact' or 'loss'.")
         tap.verified = True
-    return features, passes.logit_grad(logits, targets)
+    return features, logit_grad(passes.loss_fn, logits, targets)
