@@ -10,7 +10,7 @@ LR schedulers, ``zero_grad`` and GradScaler work on it unchanged, and ``state_di
 optimizer's plus an ``'esam'`` entry with the SWP generator state.
 """
 import math
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Type, Union
 
 import torch
 from torch.optim import Optimizer
@@ -61,6 +61,21 @@ def _create_base_optimizer(
         f'or a torch.optim.Optimizer subclass.')
 
 
+def _refuse_sharded_params(params: Sequence[torch.Tensor]) -> None:
+    """ESAM's ascent norm, perturb and restore act on whole local tensors; sharded ones would get a
+    per-shard norm and a wrong ascent, so they are refused (see docs/training.md, FSDP2)."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    if sharded:
+        raise NotImplementedError(
+            f'ESAM got {len(sharded)} sharded parameters (DTensor, e.g. from FSDP2 fully_shard or tensor '
+            f'parallelism): its ascent needs the global gradient norm and a whole-tensor perturb/restore, '
+            f'which are not implemented for sharded parameters yet. Train with DDP (torchrun + '
+            f'train_step), or see docs/training.md ("FSDP2") for the design.')
+
+
 class ESAM(Optimizer):
     """Efficient Sharpness-Aware Minimization around a base optimizer.
 
@@ -81,8 +96,12 @@ class ESAM(Optimizer):
         lr, weight_decay, momentum, foreach, **kwargs: passed to the base optimizer (timm filters
             those the base optimizer does not take, e.g. momentum for AdamW).
 
-    The ascent is run by :func:`esam_timm.train_step`; a custom loop can drive it by hand with
-    :meth:`draw_swp`, :meth:`perturb`, :meth:`restore` and then :meth:`step`.
+    Three ways to run an update: :func:`esam_timm.train_step` (all of ESAM: SDS, AMP, DDP, gradient
+    accumulation); ``step(closure)`` for closure-driven loops such as PyTorch Lightning's automatic
+    optimisation (SAM with SWP; gamma must be 1); or by hand with :meth:`draw_swp`, :meth:`perturb`,
+    :meth:`restore` and then :meth:`step`. ``step()`` refuses to run without an ascent since the last
+    step, so a plain ``loss.backward(); optimizer.step()`` loop fails loudly instead of training the
+    base optimizer alone.
     """
 
     def __init__(
@@ -113,10 +132,12 @@ class ESAM(Optimizer):
         super().__init__(self.base_optimizer.param_groups, self.base_optimizer.defaults)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        _refuse_sharded_params(self._params())
         self.generator = torch.Generator(device='cpu')
         self.generator.manual_seed(seed)
         self._backup: List[torch.Tensor] = []
         self._perturbed: List[torch.Tensor] = []
+        self.ascent_taken = False  # an ascent (perturb(), made or skipped) waits for the step that uses it
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(rho={self.rho}, beta={self.beta}, gamma={self.gamma}, '
@@ -172,6 +193,7 @@ class ESAM(Optimizer):
         Returns 0-dim tensors: ``grad_norm`` (of the ascent gradient), ``perturb_norm`` (||e||, in the
         ``|w|``-scaled metric when adaptive) and ``perturb_skipped`` (1 when no ascent was made).
         """
+        self.ascent_taken = True
         all_params = self._params()
         params = [p for p in all_params if p.grad is not None]
         if not params:
@@ -203,19 +225,81 @@ class ESAM(Optimizer):
         self._perturbed, self._backup = [], []
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:
-        """Apply the base optimizer's update with the gradient now in ``.grad`` (taken at ``w + e``).
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Apply the base optimizer's update; with a ``closure``, run a whole SAM step around it.
 
-        The weights must already be restored (:func:`esam_timm.train_step` does it). Closures are not
-        accepted: SAM's two gradients come from different batches' passes that a closure cannot express.
+        Without a closure, the gradient now in ``.grad`` must come from the ascent point ``w + e`` and the
+        weights must be restored (:func:`esam_timm.train_step`, or ``perturb()``/``restore()`` by hand);
+        a step with no ascent since the last one raises instead of quietly training the base optimizer.
+
+        With a closure (torch's convention: it computes the loss, calls ``backward()`` and returns the
+        loss; it may zero the gradients itself): draw the SWP subset, call ``closure()`` at ``w``, keep
+        the drawn tensors' gradients, perturb, call ``closure()`` at ``w + e``, restore, then step. The
+        loss of the first call is returned. SWP's draw is honoured, but not its saving: the closure's
+        backward computes every gradient and the undrawn ones are dropped. SDS is not possible here
+        (gamma must be 1): selecting samples needs per-sample losses, which only ``train_step`` has.
         """
+        found_inf = getattr(self, 'found_inf', None)  # set while a GradScaler runs this step (see below)
         if closure is not None:
-            raise ValueError(
-                'ESAM.step() takes no closure: run the ascent with esam_timm.train_step(), or by hand '
-                'with draw_swp() / perturb() / restore(), then call step().')
+            if found_inf is not None:
+                raise RuntimeError(
+                    'ESAM.step(closure) cannot run under an fp16 GradScaler: the closure\'s gradients would '
+                    'be scaled and its overflow unchecked. Use esam_timm.train_step(..., scaler=scaler), or '
+                    'bf16 autocast (no scaler) with the closure.')
+            return self._closure_step(closure)
         if self._perturbed:
             raise RuntimeError('ESAM.step() called while the weights are perturbed: call restore() first.')
+        if not self.ascent_taken:
+            raise RuntimeError(
+                f'ESAM.step() was called with no ascent since the last step, so it would apply a plain '
+                f'{type(self.base_optimizer).__name__} update: a loop of loss.backward(); optimizer.step() '
+                f'does not run ESAM. Run each update with esam_timm.train_step(model, optimizer, inputs, '
+                f'targets, loss_fn), or pass a closure (optimizer.step(closure), gamma=1), or call '
+                f'draw_swp() / perturb() / restore() before step(). An fp16 GradScaler cannot drive a '
+                f'closure (scaler.step refuses closures): use train_step, or bf16.')
+        self.ascent_taken = False
+        if found_inf is not None and not self._unscale_and_check(found_inf):
+            return None  # an inf/nan gradient: skip the update, as GradScaler does
         self.base_optimizer.step()
+        return None
+
+    # GradScaler.step hands optimizers with this flag the step itself, with ``grad_scale`` (None when
+    # unscale_() already ran) and ``found_inf`` set, instead of deciding for them. ESAM takes it so that it
+    # sees the scaler: a closure passed positionally through scaler.step is refused, not run scaled.
+    _step_supports_amp_scaling = True
+
+    @torch.no_grad()
+    def _unscale_and_check(self, found_inf: torch.Tensor) -> bool:
+        """Unscale the gradients if GradScaler left them scaled; True when the update may go ahead."""
+        grad_scale = getattr(self, 'grad_scale', None)
+        if grad_scale is not None:
+            grads = [p.grad for p in self._params() if p.grad is not None]
+            torch._foreach_mul_(grads, grad_scale.double().reciprocal().float())  # as GradScaler.unscale_
+        return not bool(found_inf)
+
+    def _closure_step(self, closure: Callable[[], Any]) -> Any:
+        if self.gamma < 1.0:
+            raise ValueError(
+                f'ESAM.step(closure) cannot run sharpness-sensitive data selection (gamma={self.gamma}): '
+                f'it needs per-sample losses, which a closure does not return. Use '
+                f'esam_timm.train_step(model, optimizer, inputs, targets, loss_fn) for SDS, or gamma=1 '
+                f'(SAM with SWP) with a closure.')
+        drawn = {id(p) for p in self.draw_swp()}
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()  # at w
+        for p in self._params():
+            if id(p) not in drawn:
+                p.grad = None  # SWP: undrawn tensors have no ascent
+        self.perturb()
+        try:
+            self.zero_grad(set_to_none=True)  # drop e: the closure may not zero the gradients itself
+            with torch.enable_grad():
+                closure()  # at w + e
+        finally:
+            self.restore()
+        self.step()
+        return loss
 
     def state_dict(self) -> Dict[str, Any]:
         """The base optimizer's state dict plus ``'esam'``: the SWP generator state (a uint8 tensor,

@@ -12,6 +12,13 @@ ESAM's passes for one batch of size B, with k = max(1, round(gamma * B)):
 4. SDS: the mode's rule picks k samples (top-k of the signal).
 5. F3 + B3 on the selected samples at ``w + e``; restore ``w`` by copy; base optimizer step.
 
+Gradient accumulation (``accum_steps=N``) treats each of the N micro-batches as DDP treats a rank: it
+runs its own ascent from its own gradient (F1/B1, perturb, selection of k of its own samples, F3/B3 at its
+own ``w + e``); the B3 gradients are averaged; one base step follows. All micro-batches share one SWP draw.
+Earlier micro-batches' B3 gradients wait outside ``.grad`` while the next ascent gradient is computed (the
+one extra gradient-sized buffer) and are put back before its B3, so under DDP the last B3 all-reduces their
+sum: one all-reduce per update.
+
 What the engine gets right (see ``docs/esam-reference.md`` in the shared docs for why each matters):
 every forward opens its own autocast context (autocast caches casts of the weights for the life of one
 context); an fp16 GradScaler needs no unscale for the ascent, skips a non-finite ascent, and its
@@ -21,7 +28,7 @@ running stats end the step as F1 left them (``bn_mode='clean'``) or as all passe
 (``bn_mode='all'``, the released code's behaviour); gradient clipping acts on the final gradient.
 """
 import contextlib
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -95,12 +102,23 @@ class _Passes:
     """Shared plumbing of one step: autocast per forward, per-sample loss checks, scaled backward."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, device_type: str,
-                 amp_dtype: Optional[torch.dtype], scaler: Optional[torch.amp.GradScaler]) -> None:
+                 amp_dtype: Optional[torch.dtype], scaler: Optional[torch.amp.GradScaler],
+                 accum_steps: int) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.device_type = device_type
         self.amp_dtype = amp_dtype
         self.scaler = scaler
+        self.accum_steps = accum_steps
+        self.is_ddp = isinstance(model, DistributedDataParallel)
+
+    def sync_if(self, sync: bool) -> ContextManager:
+        """DDP decides at forward time whether a backward all-reduces: wrap forward and backward."""
+        return contextlib.nullcontext() if sync or not self.is_ddp else self.model.no_sync()
+
+    def average(self, loss: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's share of the update's mean loss (the gradients add up over micro-batches)."""
+        return loss / self.accum_steps if self.accum_steps > 1 else loss
 
     def losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-sample losses [B] (fp32) and the logits of one forward, in a fresh autocast context
@@ -146,6 +164,7 @@ def train_step(
         targets: torch.Tensor,
         loss_fn: LossFn,
         *,
+        accum_steps: int = 1,
         amp_dtype: Optional[torch.dtype] = None,
         scaler: Optional[torch.amp.GradScaler] = None,
         clip_grad: Optional[float] = None,
@@ -160,8 +179,12 @@ def train_step(
             which gets the ordinary single forward/backward step: one call benchmarks SGD, SAM and ESAM.
         inputs, targets: the batch; targets are class indices [B] or soft targets [B, C] (mixup).
         loss_fn: ``loss_fn(logits, targets)`` returning per-sample losses [B] (see :mod:`esam_timm.losses`).
+        accum_steps: split the batch into this many equal micro-batches, one chain of passes each, and
+            make one update from their averaged gradient (each micro-batch ascends and selects on its
+            own, as a DDP rank does). B must be divisible by it.
         amp_dtype: autocast dtype (torch.bfloat16 or torch.float16), None for full precision.
-        scaler: an fp16 ``torch.amp.GradScaler``; the step goes through ``scaler.step``/``update``.
+        scaler: an fp16 ``torch.amp.GradScaler``; the step goes through ``scaler.step``/``update`` (once
+            per update: an overflow in any micro-batch's final backward skips the whole update).
         clip_grad, clip_mode: clip the final gradient ('norm', 'value' or 'agc', as in timm).
         bn_mode: 'clean' (running stats end as the clean pass F1 left them) or 'all' (every pass
             updates them, as the authors' code did).
@@ -171,105 +194,190 @@ def train_step(
         loss over the batch) and ``grad_norm`` (norm of the final, unscaled gradient). For SAM/ESAM also
         ``sharpness`` (mean of l_i(w+e) - l_i(w) over the batch; with SDS mode 'first-order' the mean
         of its estimate; absent with 'loss', which measures none), ``num_selected`` and
-        ``selected_fraction`` (Python numbers), ``perturb_norm`` (||e||), ``ascent_grad_norm`` and
-        ``perturb_skipped`` (1 when a non-finite ascent gradient skipped the perturbation).
+        ``selected_fraction`` (Python numbers, over the whole batch), ``perturb_norm`` (||e||) and
+        ``ascent_grad_norm`` (means over the micro-batches) and ``perturb_skipped`` (the number of
+        ascents a non-finite gradient skipped).
     """
     _check_options(amp_dtype, clip_mode, bn_mode, clip_grad)
-    if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(f'inputs and targets disagree on the batch size: {inputs.shape[0]} vs '
-                         f'{targets.shape[0]}.')
+    micro_batches = _micro_batches(inputs, targets, accum_steps)
     if scaler is not None and not scaler.is_enabled():
         scaler = None
-    passes = _Passes(model, loss_fn, inputs.device.type, amp_dtype, scaler)
+    passes = _Passes(model, loss_fn, inputs.device.type, amp_dtype, scaler, len(micro_batches))
     optimizer.zero_grad(set_to_none=True)
     sam = find_sam(optimizer)
     if sam is None:
-        clean, _ = passes.losses(inputs, targets)
-        loss = clean.mean()
-        passes.backward(loss)
+        clean = []
+        for index, (x, y) in enumerate(micro_batches):
+            with passes.sync_if(index == len(micro_batches) - 1):
+                losses, _ = passes.losses(x, y)
+                passes.backward(passes.average(losses.mean()))
+            clean.append(losses.detach())
         grad_norm = passes.finish(optimizer, clip_grad, clip_mode)
-        return {'loss': loss.detach(), 'grad_norm': grad_norm}
-    return _sam_step(passes, sam, optimizer, inputs, targets, clip_grad=clip_grad, clip_mode=clip_mode,
-                     bn_mode=bn_mode)
+        return {'loss': torch.cat(clean).mean(), 'grad_norm': grad_norm}
+    _refuse_sharded_model(model)
+    try:
+        return _sam_step(passes, sam, optimizer, micro_batches, clip_grad=clip_grad, clip_mode=clip_mode,
+                         bn_mode=bn_mode)
+    finally:
+        sam.ascent_taken = False  # also when the scaler skipped the step: the next step needs a new ascent
 
 
-def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-              targets: torch.Tensor, *, clip_grad: Optional[float], clip_mode: str,
-              bn_mode: str) -> Dict[str, Any]:
+def _micro_batches(inputs: torch.Tensor, targets: torch.Tensor,
+                   accum_steps: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Split the batch into ``accum_steps`` equal micro-batches (views: channels-last stays so)."""
     batch_size = inputs.shape[0]
-    k = num_selected(sam.gamma, batch_size)
-    full_batch = k == batch_size
-    mode = sam.sds_mode
-    signal = None if full_batch else mode.signal
-    model = passes.model
-    is_ddp = isinstance(model, DistributedDataParallel)
-    rng = _RngFork(inputs.device)
-    stat_buffers = _running_stat_buffers(model) if bn_mode == 'clean' else []
+    if targets.shape[0] != batch_size:
+        raise ValueError(f'inputs and targets disagree on the batch size: {batch_size} vs {targets.shape[0]}.')
+    if not (isinstance(accum_steps, int) and accum_steps >= 1):
+        raise ValueError(f'accum_steps={accum_steps!r} is invalid: it must be an integer >= 1.')
+    if batch_size % accum_steps:
+        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        raise ValueError(f'accum_steps={accum_steps} does not divide the batch of {batch_size} into equal '
+                         f'micro-batches; valid values for this batch: {divisors}.')
+    size = batch_size // accum_steps
+    return list(zip(inputs.split(size), targets.split(size)))
 
-    def local_only() -> ContextManager:
-        """DDP decides at forward time whether to sync: F1, B1 and F2 stay on this rank."""
-        return model.no_sync() if is_ddp else contextlib.nullcontext()
 
+def _refuse_sharded_model(model: nn.Module) -> None:
+    """FSDP (1 and 2) shard parameters and gradients; the ascent here needs them whole (docs/training.md)."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    if isinstance(model, FullyShardedDataParallel) or any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise NotImplementedError(
+            f'train_step got a model sharded with FSDP ({type(model).__name__}): ESAM\'s per-rank ascent '
+            f'needs unsharded local gradients and the global ascent norm, which FSDP does not expose; it is '
+            f'not supported yet. Use DistributedDataParallel (see docs/training.md, "FSDP2").')
+
+
+def _stash_grads(params: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """Take the accumulated gradients out of ``.grad`` (by reference) so the next ascent starts clean."""
+    stash = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return stash
+
+
+def _unstash_grads(params: Sequence[torch.Tensor], stash: Sequence[Optional[torch.Tensor]]) -> None:
+    """Put stashed gradients back; the next backward accumulates into them (and DDP reduces the sum)."""
+    for p, grad in zip(params, stash):
+        p.grad = grad
+
+
+def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer,
+              micro_batches: Sequence[Tuple[torch.Tensor, torch.Tensor]], *, clip_grad: Optional[float],
+              clip_mode: str, bn_mode: str) -> Dict[str, Any]:
+    micro_size = micro_batches[0][0].shape[0]
+    k = num_selected(sam.gamma, micro_size)
+    signal = None if k == micro_size else sam.sds_mode.signal
+    stat_buffers = _running_stat_buffers(passes.model) if bn_mode == 'clean' else []
     head: List[torch.Tensor] = []
+    tap = None
     if signal == 'first-order':
-        classifier, tap = classifier_tap(model)
+        classifier, tap = classifier_tap(passes.model)
         head = [p for p in (classifier.weight, classifier.bias) if p is not None]
-        tap.clear()
-    drawn = sam.draw_swp(always=head)  # the estimate needs the classifier's ascent e_W, e_b every step
+    drawn = sam.draw_swp(always=head)  # one draw per update; the estimate needs e_W, e_b every step
     if head and not any(p is head[0] for p in drawn):
         raise ValueError("SDS mode 'first-order' needs the classifier's weight trainable and in the "
                          "optimizer (its ascent e_W is the estimate's direction); use SDS mode 'exact' "
                          "or 'loss'.")
-    with local_only():
+    plan = _AscentPlan(sam, signal, k, drawn, head, tap, stat_buffers)
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    results = []
+    for index, (inputs, targets) in enumerate(micro_batches):
+        stash = _stash_grads(params) if index else [None] * len(params)
+        results.append(_micro_step(passes, plan, inputs, targets, last=index == len(micro_batches) - 1,
+                                   params=params, stash=stash))
+    grad_norm = passes.finish(optimizer, clip_grad, clip_mode)
+    stats = {
+        'loss': torch.cat([r['clean'] for r in results]).mean(),
+        'grad_norm': grad_norm,
+        'num_selected': k * len(results),
+        'selected_fraction': k / micro_size,
+        'perturb_norm': _mean([r['perturb_norm'] for r in results]),
+        'ascent_grad_norm': _mean([r['grad_norm'] for r in results]),
+        'perturb_skipped': _sum([r['perturb_skipped'] for r in results]),
+    }
+    if signal != 'loss':
+        stats['sharpness'] = torch.cat([r['sharpness'] for r in results]).mean()
+    return stats
+
+
+def _mean(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    return values[0] if len(values) == 1 else torch.stack(values).mean()
+
+
+def _sum(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    return values[0] if len(values) == 1 else torch.stack(values).sum()
+
+
+class _AscentPlan(NamedTuple):
+    """What every micro-batch of one update shares: the SWP draw, k, the SDS signal, BN buffers."""
+    sam: ESAM
+    signal: Optional[str]  # None when k is the whole micro-batch (no selection)
+    k: int
+    drawn: List[torch.Tensor]
+    head: List[torch.Tensor]  # the classifier's weight (and bias) for the first-order estimate
+    tap: Optional[ClassifierTap]
+    stat_buffers: List[torch.Tensor]  # BN running stats to keep as F1 left them (bn_mode='clean')
+
+
+def _micro_step(passes: _Passes, plan: _AscentPlan, inputs: torch.Tensor, targets: torch.Tensor, *,
+                last: bool, params: Sequence[torch.Tensor],
+                stash: Sequence[Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """One micro-batch's ascent and final gradient: F1/B1, perturb, SDS, F3/B3 at ``w + e``, restore.
+
+    The B3 gradient (scaled by 1 / accum_steps) accumulates into ``stash``, the earlier micro-batches'
+    gradients, which go back into ``.grad`` just before B3. Only the last micro-batch's F3/B3 run outside
+    DDP's ``no_sync``.
+    """
+    sam, signal = plan.sam, plan.signal
+    rng = _RngFork(inputs.device)
+    if plan.tap is not None:
+        plan.tap.clear()
+    with passes.sync_if(False):
         clean, logits = passes.losses(inputs, targets)  # F1
-        if drawn:
-            passes.backward(clean.mean(), inputs=drawn)  # B1: the drawn tensors' gradients only
+        if plan.drawn:
+            passes.backward(clean.mean(), inputs=plan.drawn)  # B1: the drawn tensors' gradients only
     clean = clean.detach()
-    if head:
-        features, delta = _classifier_terms(passes, tap, logits, targets)
+    if plan.head:
+        features, delta = _classifier_terms(passes, plan.tap, logits, targets)
     del logits
-    stats_after_clean = torch._foreach_clone(stat_buffers) if stat_buffers else []
+    stats_after_clean = torch._foreach_clone(plan.stat_buffers) if plan.stat_buffers else []
     ascent = sam.perturb(skip_non_finite=passes.scaler is not None)
     try:
         if signal == 'exact':
             rng_after_clean = rng.get()
             rng.set(rng.start)  # F2 draws F1's dropout masks: delta_i measures sharpness, not noise
-            with local_only(), torch.no_grad():
+            with passes.sync_if(False), torch.no_grad():
                 sharpness = passes.losses(inputs, targets)[0] - clean  # F2
             rng.set(rng_after_clean)
             score = sharpness
         elif signal == 'first-order':
-            e_bias = head[1].grad if len(head) == 2 else None  # after perturb, .grad holds e
-            score = sharpness = first_order_sharpness(delta, features, head[0].grad, e_bias)
+            e_bias = plan.head[1].grad if len(plan.head) == 2 else None  # after perturb, .grad holds e
+            score = sharpness = first_order_sharpness(delta, features, plan.head[0].grad, e_bias)
         elif signal == 'loss':
             score = clean
-        if not full_batch:
-            index = mode.rule(score, clean, k)
+        if signal is not None:
+            index = sam.sds_mode.rule(score, clean, plan.k)
             inputs, targets = _select(inputs, index), targets[index]
-        optimizer.zero_grad(set_to_none=True)
-        if full_batch:
+        _unstash_grads(params, stash)  # replaces e with the earlier micro-batches' gradients (or None)
+        if signal is None:
             rng.set(rng.start)  # F3 covers F1's batch: same masks, so its losses give the sharpness
-        selected, _ = passes.losses(inputs, targets)  # F3
-        passes.backward(selected.mean())  # B3, all-reduced under DDP
+        with passes.sync_if(last):
+            selected, _ = passes.losses(inputs, targets)  # F3
+            passes.backward(passes.average(selected.mean()))  # B3, all-reduced under DDP when last
     finally:
         sam.restore()  # w is back bitwise before any step, also when a pass raised
-        if stat_buffers:
-            torch._foreach_copy_(stat_buffers, stats_after_clean)
-    if full_batch:
+        if plan.stat_buffers:
+            torch._foreach_copy_(plan.stat_buffers, stats_after_clean)
+    if signal is None:
         sharpness = selected.detach() - clean
-    grad_norm = passes.finish(optimizer, clip_grad, clip_mode)
-    stats = {
-        'loss': clean.mean(),
-        'grad_norm': grad_norm,
-        'num_selected': k,
-        'selected_fraction': k / batch_size,
-        'perturb_norm': ascent['perturb_norm'],
-        'ascent_grad_norm': ascent['grad_norm'],
-        'perturb_skipped': ascent['perturb_skipped'],
-    }
+    result = {'clean': clean, 'perturb_norm': ascent['perturb_norm'], 'grad_norm': ascent['grad_norm'],
+              'perturb_skipped': ascent['perturb_skipped']}
     if signal != 'loss':
-        stats['sharpness'] = sharpness.mean()
-    return stats
+        result['sharpness'] = sharpness
+    return result
 
 
 def _classifier_terms(passes: _Passes, tap: ClassifierTap, logits: torch.Tensor,

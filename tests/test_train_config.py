@@ -108,7 +108,7 @@ def test_unknown_flag(capsys):
     (['--opt', 'sgdd'], "--opt 'sgdd' is not an optimizer timm knows"),
     (['--opt', 'esam', '--base-opt', 'sam'], "--base-opt 'sam' cannot be esam/sam itself"),
     (['--pretrained'], '--pretrained needs --pretrained-path FILE'),
-    (['--grad-accum-steps', '2'], '--grad-accum-steps 2 is not supported: ESAM'),
+    (['--grad-accum-steps', '0'], '--grad-accum-steps must be > 0, got 0'),
     (['--scale', '0.9', '0.5'], '--scale must be two values 0 < lo <= hi <= 1, got [0.9, 0.5]'),
     (['--reprob', '2'], '--reprob must be in [0.0, 1.0], got 2.0'),
     (['--smoothing', '1'], '--smoothing must be in [0, 1), got 1.0'),

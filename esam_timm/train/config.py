@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
     group.add_argument('--channels-last', action='store_true', default=False)
     group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
-                       help='only 1 is supported: ESAM selects samples and perturbs per batch')
+                       help='micro-batches of --batch-size per update; each does its own ESAM ascent and '
+                            'selection, as a DDP rank does (global batch = b x processes x N)')
     group.add_argument('--model-kwargs', nargs='*', default={}, type=_kv_pair, metavar='K=V',
                        help='extra timm.create_model keyword arguments')
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
@@ -203,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('Misc')
     group.add_argument('--seed', type=int, default=42)
     group.add_argument('--log-interval', type=int, default=50, metavar='N',
-                       help='batches between console/W&B log lines')
+                       help='updates between console/W&B log lines')
     group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
-                       help='write a recovery checkpoint every N batches (0 = off)')
+                       help='write a recovery checkpoint every N updates (0 = off)')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
                        help='number of best checkpoints to keep')
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loader workers')
@@ -341,11 +342,7 @@ def validate_args(args: argparse.Namespace) -> None:
     choice('sched', args.sched, ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', 'none'))
     positive('batch-size', args.batch_size)
     positive('validation-batch-size', args.validation_batch_size)
-    _check(args.grad_accum_steps == 1,
-           f'--grad-accum-steps {args.grad_accum_steps} is not supported: ESAM draws its weight subset, '
-           f'selects the sharpest samples and perturbs the weights per batch, so accumulating '
-           f'micro-batches has no single meaning; raise --batch-size or use more processes instead '
-           f'(valid: 1)')
+    positive('grad-accum-steps', args.grad_accum_steps)
     positive('clip-grad', args.clip_grad)
     choice('clip-mode', args.clip_mode, CLIP_MODES)
     choice('amp-dtype', args.amp_dtype, _AMP_DTYPES)

@@ -420,6 +420,7 @@ class Trainer:
         if self.batches_per_epoch < 1:
             raise ValueError(f'the training split yields no full batch of {args.batch_size} per process; '
                              f'lower --batch-size')
+        self.updates_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum_steps)
 
     def _setup_optimizer(self) -> None:
         from timm.optim import create_optimizer_v2
@@ -449,15 +450,16 @@ class Trainer:
         if args.sched != 'none':
             self.scheduler, self.num_epochs = create_scheduler_v2(
                 self.optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
-                updates_per_epoch=self.batches_per_epoch)
+                updates_per_epoch=self.updates_per_epoch)
         if self.is_primary:
             what = (f'{type(self.sam).__name__}(rho={self.sam.rho}, beta={self.sam.beta}, gamma={self.sam.gamma}, '
                     f'sds={self.sam.sds}, base={type(self.sam.base_optimizer).__name__})' if self.sam is not None
                     else type(self.optimizer).__name__)
-            _logger.info('Optimizer %s, lr %.4g for a global batch of %d', what, self.lr,
-                         args.batch_size * self.world_size)
-            _logger.info('%d epochs of %d batches; output in %s', self.num_epochs, self.batches_per_epoch,
-                         self.output_dir)
+            _logger.info('Optimizer %s, lr %.4g for a global batch of %d (%d per process x %d processes x %d '
+                         'accumulated)', what, self.lr, args.batch_size * self.world_size * args.grad_accum_steps,
+                         args.batch_size, self.world_size, args.grad_accum_steps)
+            _logger.info('%d epochs of %d batches (%d updates); output in %s', self.num_epochs,
+                         self.batches_per_epoch, self.updates_per_epoch, self.output_dir)
 
     def _wrap_model(self) -> None:
         """torch.compile, then DDP around it (train_step finds DDP's no_sync on the outer module)."""
@@ -525,10 +527,20 @@ class Trainer:
             _logger.warning('Checkpoint had %s batches per epoch, this run has %d (batch size or world size '
                             'changed): the resumed run will not match an uninterrupted one',
                             ckpt['batches_per_epoch'], self.batches_per_epoch)
+        accum, saved_accum = self.args.grad_accum_steps, ckpt.get('args', {}).get('grad_accum_steps', 1)
         if done >= self.batches_per_epoch:
             self.start_epoch, self.start_batch = epoch + 1, 0
+        elif done % accum:
+            raise ValueError(
+                f'--resume {path!r} stopped after batch {done} of epoch {epoch}, inside an update of '
+                f'--grad-accum-steps {accum} (updates start at multiples of {accum}); resume with the '
+                f'--grad-accum-steps it was written with ({saved_accum}) or another value that divides {done}')
         else:
             self.start_epoch, self.start_batch = epoch, done
+        if saved_accum != accum:
+            _logger.warning('Checkpoint was written with --grad-accum-steps %s, this run uses %d: the global '
+                            'batch changed, so the resumed run will not match an uninterrupted one',
+                            saved_accum, accum)
         if self.is_primary:
             _logger.info('Resumed %s: continuing at epoch %d, batch %d (%d updates done)', path,
                          self.start_epoch, self.start_batch, self.num_updates)
@@ -557,29 +569,27 @@ class Trainer:
         bar = ProgressBar(n - start_batch, f'epoch {epoch}', enabled=self.is_primary and not args.no_progress)
         amp = dict(amp_dtype=self.amp_dtype, scaler=self.scaler, clip_grad=args.clip_grad,
                    clip_mode=args.clip_mode, bn_mode=args.esam_bn_mode)
-        for batch_idx in range(start_batch, n):
-            _seed_everything(_step_seed(args.seed, self.rank, epoch, batch_idx))
+        accum = args.grad_accum_steps
+        for first in range(start_batch, n, accum):
+            window = range(first, min(first + accum, n))  # the epoch's last update may have fewer batches
             t0 = time.perf_counter()
-            try:
-                inputs, targets = next(batches)
-            except StopIteration:
-                raise RuntimeError(f'the training loader ended after {batch_idx} of its {n} batches in '
-                                   f'epoch {epoch}') from None
+            inputs, targets = self._next_window(batches, epoch, window)
             data_time = time.perf_counter() - t0
-            stats = train_step(self.train_model, self.optimizer, inputs, targets, self.loss_fn, **amp)
+            stats = train_step(self.train_model, self.optimizer, inputs, targets, self.loss_fn,
+                               accum_steps=len(window), **amp)
             self.num_updates += 1
             if self.model_ema is not None:
                 self.model_ema.update(self.model, step=self.num_updates)
             interval.update(stats, inputs.shape[0], data_time)
             whole.update(stats, inputs.shape[0], data_time)
-            done = batch_idx + 1
-            bar.update()
-            if done % args.log_interval == 0 or done == n:
+            done, update = window.stop, first // accum + 1
+            bar.update(len(window))
+            if update % args.log_interval == 0 or done == n:
                 self._log_interval(epoch, done, interval)
                 interval.reset()
             if self.scheduler is not None:
                 self.scheduler.step_update(num_updates=self.num_updates)
-            if args.recovery_interval and done % args.recovery_interval == 0 and done < n:
+            if args.recovery_interval and update % args.recovery_interval == 0 and done < n:
                 self._save_recovery(epoch, done)
             for callback in self.step_callbacks:
                 callback(self, epoch, done)
@@ -587,6 +597,27 @@ class Trainer:
         metrics = whole.read(self.world_size)
         metrics['skipped_steps'] = metrics.pop('perturb_skipped', 0.0)
         return metrics
+
+    def _next_window(self, batches: Iterator[Tuple[torch.Tensor, torch.Tensor]], epoch: int,
+                     window: range) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The loader batches of one update, joined into one batch (``train_step`` splits it again).
+
+        Each batch loads under its own seed, so a window's data does not depend on the windows before.
+        """
+        parts = []
+        for batch_idx in window:
+            _seed_everything(_step_seed(self.args.seed, self.rank, epoch, batch_idx))
+            try:
+                parts.append(next(batches))
+            except StopIteration:
+                raise RuntimeError(f'the training loader ended after {batch_idx} of its '
+                                   f'{self.batches_per_epoch} batches in epoch {epoch}') from None
+        if len(parts) == 1:
+            return parts[0]
+        inputs = torch.cat([inputs for inputs, _ in parts])
+        if self.args.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs, torch.cat([targets for _, targets in parts])
 
     def _log_interval(self, epoch: int, done: int, meter: StepMeter) -> None:
         metrics = meter.read(self.world_size)
