@@ -8,6 +8,8 @@ compilation happens in the untimed warm-up steps.
 Peak memory during a step, above what the model, optimizer state and batch hold: on CUDA torch's
 peak allocation; on the CPU glibc's peak live heap (mallinfo2, polled) in a fresh child process per
 method, i.e. the bytes really in use, not the allocator's cached slack that RSS would include.
+An '/accum4' arm makes one update from 4 micro-batches of --batch-size (train_step's accum_steps); its
+time ratio is per micro-batch, and its extra memory over the plain arm is what accumulation holds.
 
     python benchmarks/step_cost.py                      # CPU: resnet18 (CIFAR stem), 32 px, batch 128
     python benchmarks/step_cost.py --compile --no-memory --methods sgd 'esam(0.5,0.5)' 'esam-fo(0.5,0.5)'
@@ -40,6 +42,9 @@ METHODS: Dict[str, Dict] = {
     'esam-loss(0.5,0.4)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.4, sds='loss'),
     'esam-fo(0.5,0.3)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.3, sds='first-order'),
     'esam-fo(0.2,0.5)': dict(opt='esam', rho=0.02, beta=0.2, gamma=0.5, sds='first-order'),
+    # gradient accumulation: 4 micro-batches of --batch-size per step (times are per micro-batch)
+    'sgd/accum4': dict(opt='sgd', accum=4),
+    'esam(0.5,0.5)/accum4': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, accum=4),
 }
 COMPILE_METHODS = ['sgd', 'esam(0.5,0.5)', 'esam-fo(0.5,0.5)']
 COMPILED = '+compile'
@@ -79,6 +84,7 @@ def build(args: argparse.Namespace, base: torch.nn.Module, arm: str) -> Tuple[to
     """The arm's model (compiled for a '+compile' arm) and its optimizer (built on the plain model)."""
     model = copy.deepcopy(base)  # carries the base's classifier tap
     spec = dict(METHODS[arm.removesuffix(COMPILED)])
+    spec.pop('accum', None)
     optimizer = timm.optim.create_optimizer_v2(model, spec.pop('opt'), lr=0.05, weight_decay=5e-4, momentum=0.9,
                                                **spec)
     if arm.endswith(COMPILED):
@@ -86,11 +92,16 @@ def build(args: argparse.Namespace, base: torch.nn.Module, arm: str) -> Tuple[to
     return model, optimizer
 
 
-def make_stepper(args: argparse.Namespace, model, optimizer) -> Callable[[], None]:
+def accum_steps(arm: str) -> int:
+    return METHODS[arm.removesuffix(COMPILED)].get('accum', 1)
+
+
+def make_stepper(args: argparse.Namespace, arm: str, model, optimizer) -> Callable[[], None]:
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
-    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+    accum = accum_steps(arm)
+    x = torch.randn(args.batch_size * accum, 3, args.img_size, args.img_size, generator=g).to(device)
+    y = torch.randint(0, args.num_classes, (args.batch_size * accum,), generator=g).to(device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     amp = None if args.amp_dtype == 'none' else getattr(torch, args.amp_dtype)
@@ -98,7 +109,7 @@ def make_stepper(args: argparse.Namespace, model, optimizer) -> Callable[[], Non
     loss_fn = PerSampleCrossEntropy()
 
     def step() -> None:
-        esam_timm.train_step(model, optimizer, x, y, loss_fn, amp_dtype=amp, scaler=scaler)
+        esam_timm.train_step(model, optimizer, x, y, loss_fn, accum_steps=accum, amp_dtype=amp, scaler=scaler)
         if device.type == 'cuda':
             torch.cuda.synchronize()
     return step
@@ -147,7 +158,7 @@ def cpu_peak_live_heap(args: argparse.Namespace, method: str, queue) -> None:
     torch.manual_seed(0)
     base = timm.create_model(args.model, num_classes=args.num_classes).train()
     model, optimizer = build(args, base, method)
-    step = make_stepper(args, model, optimizer)
+    step = make_stepper(args, method, model, optimizer)
     step()  # optimizer state (momentum buffers) exists from here on for every method
     sampler = LiveHeapSampler()
     baseline = sampler.live_bytes()
@@ -171,7 +182,7 @@ def main() -> None:
     peak: Dict[str, float] = {}
     for method in args.arms:
         model, optimizer = build(args, base, method)
-        steppers[method] = make_stepper(args, model, optimizer)
+        steppers[method] = make_stepper(args, method, model, optimizer)
         warm_start = time.perf_counter()
         for _ in range(args.warmup):
             steppers[method]()
@@ -189,7 +200,7 @@ def main() -> None:
     if measure_memory and args.device == 'cuda':
         for method in args.arms:
             model, optimizer = build(args, base, method)
-            step = make_stepper(args, model, optimizer)
+            step = make_stepper(args, method, model, optimizer)
             step()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
@@ -211,11 +222,13 @@ def main() -> None:
     print(f'{"arm":<27}{"median ms":>10}{"x SGD":>8}{"range":>13}{"peak mem MiB":>14}{"extra vs SGD MiB":>18}')
     for method, t in times.items():
         # each round's step time over the SGD step of the same round: noise common to a round cancels
-        ratios = [a / b for a, b in zip(t, times['sgd'])]
+        ratios = [a / accum_steps(method) / b for a, b in zip(t, times['sgd'])]
         mem = peak.get(method)
         mem_txt = f'{mem / 2**20:14.0f}{(mem - peak["sgd"]) / 2**20:18.0f}' if mem is not None else ''
         print(f'{method:<27}{statistics.median(t) * 1e3:10.1f}{statistics.median(ratios):8.2f}'
               f'{min(ratios):7.2f}-{max(ratios):<5.2f}{mem_txt}')
+    if any(accum_steps(m) > 1 for m in times):
+        print('/accum arms: median ms is per update (all micro-batches), x SGD per micro-batch')
 
 
 if __name__ == '__main__':

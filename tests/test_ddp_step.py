@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from esam_timm import ESAM, train_step
 from esam_timm.losses import PerSampleCrossEntropy
+from recording import record_before_step
 from reference_sam import esam_gradient, swp_keep_mask
 
 WORLD, STEPS, BATCH = 2, 3, 8
@@ -29,20 +30,6 @@ def rank_batches(rank: int):
 def initial_model():
     torch.manual_seed(0)
     return timm.create_model('test_resnet', num_classes=10)
-
-
-def record_before_step(base: torch.optim.Optimizer, params):
-    """Wrap the base optimizer's step to record, per step, the weights it starts from and the gradient."""
-    seen = {'weights': [], 'grads': []}
-    step = base.step
-
-    def recording_step(*args, **kwargs):
-        seen['weights'].append([p.detach().clone() for p in params])
-        seen['grads'].append([p.grad.clone() for p in params])
-        return step(*args, **kwargs)
-
-    base.step = recording_step
-    return seen
 
 
 def worker(rank: int, init_file: str, out_dir: str) -> None:

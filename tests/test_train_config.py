@@ -153,3 +153,5 @@ def test_resolve_lr_scaling():
     assert resolve_lr(args, world_size=1) == pytest.approx(0.05)  # sqrt(64 / 256) for ada*
     args, _ = parse_args(BASE + ['-b', '64', '--lr', '0.3'])
     assert resolve_lr(args, world_size=8) == 0.3
+    args, _ = parse_args(BASE + ['-b', '64', '--lr-base', '0.1', '--opt', 'esam', '--grad-accum-steps', '4'])
+    assert resolve_lr(args, world_size=2) == pytest.approx(0.2)  # global batch 64 x 2 x 4 = 512

@@ -120,6 +120,9 @@ def _kill_at(epoch, batch):
     ((1, 3), 'last.pth.tar', ['--workers', '0']),            # after an epoch: last.pth.tar
     ((0, 7), 'recovery-0-4.pth.tar', ['--workers', '1']),
     ((1, 3), 'last.pth.tar', ['--workers', '1']),
+    # 3 micro-batches per update (windows 3, 3, 3, 1), a recovery checkpoint every 2 updates
+    ((0, 9), 'recovery-0-6.pth.tar', ['--workers', '0', '--grad-accum-steps', '3', '--recovery-interval', '2']),
+    ((1, 3), 'last.pth.tar', ['--workers', '0', '--grad-accum-steps', '3']),
 ])
 def test_killed_and_resumed_equals_uninterrupted(demo_dir, tmp_path, kill_at, resume_file, extra):
     """Dropout, mixup, random erasing, EMA, ESAM's SWP generator and the cosine schedule all continue
@@ -138,7 +141,8 @@ def test_killed_and_resumed_equals_uninterrupted(demo_dir, tmp_path, kill_at, re
     assert resumed_trainer.start_epoch == (0 if 'recovery' in resume_file else 1)
     a = torch.load(tmp_path / 'full' / 'run' / 'last.pth.tar', map_location='cpu', weights_only=True)
     b = torch.load(killed_dir / 'last.pth.tar', map_location='cpu', weights_only=True)
-    assert a['num_updates'] == b['num_updates'] == 2 * BATCHES_PER_EPOCH
+    accum = int(extra[extra.index('--grad-accum-steps') + 1]) if '--grad-accum-steps' in extra else 1
+    assert a['num_updates'] == b['num_updates'] == 2 * -(-BATCHES_PER_EPOCH // accum)
     for key in ('state_dict', 'state_dict_ema'):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f'{key}.{name} differs after resume'
@@ -216,11 +220,23 @@ def test_wandb_failure_is_a_warning(monkeypatch):
     logger.finish()
 
 
+def test_resume_inside_an_accumulation_window_is_refused(demo_dir, tmp_path):
+    common = ['--opt', 'esam', '--epochs', '1', '--recovery-interval', '3']
+    with pytest.raises(_Killed):
+        _train(demo_dir, tmp_path, *common, callbacks=[_kill_at(0, 4)])
+    checkpoint = tmp_path / 'run' / 'recovery-0-3.pth.tar'
+    with pytest.raises(ValueError, match=r'stopped after batch 3 of epoch 0, inside an update of '
+                                         r'--grad-accum-steps 2.*written with \(1\) or another value that '
+                                         r'divides 3'):
+        _train(demo_dir, tmp_path, *common, '--grad-accum-steps', '2', '--resume', str(checkpoint))
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_gloo(demo_dir, tmp_path):
+@pytest.mark.parametrize('accum', [1, 2])
+def test_torchrun_two_processes_gloo(demo_dir, tmp_path, accum):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
            os.path.join(REPO, 'train_esam.py'), *_argv(demo_dir, tmp_path, '--opt', 'esam', '--epochs', '1',
-                                                      '-b', '16')]
+                                                      '-b', '16', '--grad-accum-steps', str(accum))]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -228,6 +244,8 @@ def test_torchrun_two_processes_gloo(demo_dir, tmp_path):
     assert 'Process 0 of 2' in log and '(gloo)' in log
     assert '(100 images)' in log  # the validation split counted exactly once across both ranks
     assert log.count('Train: 0 [   10/10') == 1  # only rank 0 logs; 320 / (16 * 2) = 10 batches per rank
+    assert f'global batch of {32 * accum} (16 per process x 2 processes x {accum} accumulated)' in log
+    assert f'1 epochs of 10 batches ({10 // accum} updates)' in log
     rows = _summary(tmp_path / 'run')
     assert [r['epoch'] for r in rows] == ['0']
     assert float(rows[0]['train_selected_share']) == 0.5
