@@ -104,6 +104,11 @@ class ESAM(Optimizer):
     base optimizer alone.
     """
 
+    # GradScaler.step hands optimizers with this flag the step itself, with ``grad_scale`` (None when
+    # unscale_() already ran) and ``found_inf`` set, instead of deciding for them. ESAM takes it so that it
+    # sees the scaler: a closure passed positionally through scaler.step is refused, not run scaled.
+    _step_supports_amp_scaling = True
+
     def __init__(
             self,
             params: ParamsT,
@@ -263,11 +268,6 @@ class ESAM(Optimizer):
         self.base_optimizer.step()
         return None
 
-    # GradScaler.step hands optimizers with this flag the step itself, with ``grad_scale`` (None when
-    # unscale_() already ran) and ``found_inf`` set, instead of deciding for them. ESAM takes it so that it
-    # sees the scaler: a closure passed positionally through scaler.step is refused, not run scaled.
-    _step_supports_amp_scaling = True
-
     @torch.no_grad()
     def _unscale_and_check(self, found_inf: torch.Tensor) -> bool:
         """Unscale the gradients if GradScaler left them scaled; True when the update may go ahead."""
@@ -278,6 +278,7 @@ class ESAM(Optimizer):
         return not bool(found_inf)
 
     def _closure_step(self, closure: Callable[[], Any]) -> Any:
+        """SAM with SWP around a closure: closure at w, perturb, closure at w + e, restore, step."""
         if self.gamma < 1.0:
             raise ValueError(
                 f'ESAM.step(closure) cannot run sharpness-sensitive data selection (gamma={self.gamma}): '

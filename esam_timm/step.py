@@ -239,11 +239,12 @@ def _micro_batches(inputs: torch.Tensor, targets: torch.Tensor,
 
 
 def _refuse_sharded_model(model: nn.Module) -> None:
-    """FSDP (1 and 2) shard parameters and gradients; the ascent here needs them whole (docs/training.md)."""
+    """FSDP (1 and 2) shard parameters and gradients; the ascent here needs them whole (docs/training.md).
+    Both wrap the root module (FSDP2 requires ``fully_shard`` on the root), so the root is checked."""
     if not torch.distributed.is_available():
         return
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    if isinstance(model, FullyShardedDataParallel) or any(isinstance(m, FSDPModule) for m in model.modules()):
+    if isinstance(model, (FSDPModule, FullyShardedDataParallel)):
         raise NotImplementedError(
             f'train_step got a model sharded with FSDP ({type(model).__name__}): ESAM\'s per-rank ascent '
             f'needs unsharded local gradients and the global ascent norm, which FSDP does not expose; it is '

@@ -120,9 +120,9 @@ def _kill_at(epoch, batch):
     ((1, 3), 'last.pth.tar', ['--workers', '0']),            # after an epoch: last.pth.tar
     ((0, 7), 'recovery-0-4.pth.tar', ['--workers', '1']),
     ((1, 3), 'last.pth.tar', ['--workers', '1']),
-    # 3 micro-batches per update (windows 3, 3, 3, 1), a recovery checkpoint every 2 updates
-    ((0, 9), 'recovery-0-6.pth.tar', ['--workers', '0', '--grad-accum-steps', '3', '--recovery-interval', '2']),
-    ((1, 3), 'last.pth.tar', ['--workers', '0', '--grad-accum-steps', '3']),
+    # 4 micro-batches per update (windows of 4, 4 and 2 batches), a recovery checkpoint every update
+    ((0, 4), 'recovery-0-4.pth.tar', ['--workers', '0', '--grad-accum-steps', '4', '--recovery-interval', '1']),
+    ((1, 4), 'last.pth.tar', ['--workers', '0', '--grad-accum-steps', '4']),
 ])
 def test_killed_and_resumed_equals_uninterrupted(demo_dir, tmp_path, kill_at, resume_file, extra):
     """Dropout, mixup, random erasing, EMA, ESAM's SWP generator and the cosine schedule all continue
@@ -232,7 +232,7 @@ def test_resume_inside_an_accumulation_window_is_refused(demo_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('accum', [1, 2])
+@pytest.mark.parametrize('accum', [1, 4])
 def test_torchrun_two_processes_gloo(demo_dir, tmp_path, accum):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
            os.path.join(REPO, 'train_esam.py'), *_argv(demo_dir, tmp_path, '--opt', 'esam', '--epochs', '1',
@@ -245,7 +245,7 @@ def test_torchrun_two_processes_gloo(demo_dir, tmp_path, accum):
     assert '(100 images)' in log  # the validation split counted exactly once across both ranks
     assert log.count('Train: 0 [   10/10') == 1  # only rank 0 logs; 320 / (16 * 2) = 10 batches per rank
     assert f'global batch of {32 * accum} (16 per process x 2 processes x {accum} accumulated)' in log
-    assert f'1 epochs of 10 batches ({10 // accum} updates)' in log
+    assert f'1 epochs of 10 batches ({-(-10 // accum)} updates)' in log
     rows = _summary(tmp_path / 'run')
     assert [r['epoch'] for r in rows] == ['0']
     assert float(rows[0]['train_selected_share']) == 0.5
