@@ -11,9 +11,22 @@ import timm
 
 from .optim import ESAM, SAM
 
-__all__ = ['MIN_TIMM_VERSION', 'check_timm_version', 'register_optimizers']
+__all__ = ['MIN_TIMM_VERSION', 'SAM_FAMILY', 'check_timm_version', 'optimizer_kind', 'is_sam_family',
+           'register_optimizers']
 
 MIN_TIMM_VERSION: Tuple[int, int, int] = (1, 0, 12)
+SAM_FAMILY = ('esam', 'sam')
+
+
+def optimizer_kind(opt: str) -> str:
+    """The registry name timm's factory looks up for ``opt``: its last ``_``-separated token, lower-cased
+    (``'lookahead_esam'`` -> ``'esam'``). The one place this rule of timm's is written down."""
+    return opt.lower().split('_')[-1]
+
+
+def is_sam_family(opt: str) -> bool:
+    """True for ``esam``/``sam`` and their wrapped forms (``lookahead_esam``)."""
+    return optimizer_kind(opt) in SAM_FAMILY
 
 
 def _version_tuple(version: str) -> Tuple[int, ...]:

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from esam_timm.registry import SAM_FAMILY, is_sam_family, optimizer_kind
 from esam_timm.selection import list_sds_modes
 from esam_timm.step import BN_MODES, CLIP_MODES
 
@@ -314,12 +315,11 @@ def validate_args(args: argparse.Namespace) -> None:
         _check(bool(args.pretrained_path),
                '--pretrained needs --pretrained-path FILE: weights are only loaded from a local file, '
                'never downloaded')
-    known_opts = set(list_optimizers()) | {'esam', 'sam'}
+    known_opts = set(list_optimizers()) | set(SAM_FAMILY)
     for flag, name in (('opt', args.opt), ('base-opt', args.base_opt)):
-        last = name.lower().split('_')[-1]
-        _check(last in known_opts, f'--{flag} {name!r} is not an optimizer timm knows; '
-                                   f'use esam, sam or one of timm.optim.list_optimizers()')
-    _check(args.base_opt.lower().split('_')[-1] not in ('esam', 'sam'),
+        _check(optimizer_kind(name) in known_opts, f'--{flag} {name!r} is not an optimizer timm knows; '
+                                                   f'use esam, sam or one of timm.optim.list_optimizers()')
+    _check(not is_sam_family(args.base_opt),
            f'--base-opt {args.base_opt!r} cannot be esam/sam itself; use e.g. sgd or adamw')
     positive('rho', args.rho)
     in_range('esam-beta', args.esam_beta, 0., 1., lo_open=True)

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from esam_timm import create_per_sample_loss, find_sam, train_step
 from esam_timm.head import classifier_tap
+from esam_timm.registry import is_sam_family, optimizer_kind
 
 from .config import args_to_yaml
 from .logging import StepMeter, ProgressBar, WandbLogger, format_train_line, write_summary
@@ -52,7 +53,7 @@ def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
         return args.lr
     global_batch = args.batch_size * world_size * args.grad_accum_steps
     ratio = global_batch / args.lr_base_size
-    opt = (args.base_opt if args.opt.lower().split('_')[-1] in ('esam', 'sam') else args.opt).lower()
+    opt = (args.base_opt if is_sam_family(args.opt) else args.opt).lower()
     scale = args.lr_base_scale or ('sqrt' if ('ada' in opt or 'lamb' in opt) else 'linear')
     if scale == 'sqrt':
         ratio = math.sqrt(ratio)
@@ -432,8 +433,8 @@ class Trainer:
             kwargs['eps'] = args.opt_eps
         if args.opt_betas is not None:
             kwargs['betas'] = tuple(args.opt_betas)
-        kind = args.opt.lower().split('_')[-1]
-        if kind in ('esam', 'sam'):
+        kind = optimizer_kind(args.opt)
+        if is_sam_family(kind):
             kwargs.update(base_optimizer=args.base_opt, rho=args.rho, seed=args.seed)
             if kind == 'esam':
                 kwargs.update(beta=args.esam_beta, gamma=args.esam_gamma, sds=args.esam_sds)
