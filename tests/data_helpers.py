@@ -4,7 +4,8 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -70,6 +71,15 @@ def truncate_in_sample(path: Path, index: int) -> None:
         f.truncate(cut)
 
 
+def truncate_after_sample(path: Path, index: int) -> None:
+    """Cut a tar file cleanly after the last member of sample ``index``: no error, just fewer samples."""
+    with tarfile.open(path) as tar:
+        last = [m for m in tar.getmembers() if m.name.startswith(f'{index:06d}.')][-1]
+        cut = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    with open(path, 'r+b') as f:
+        f.truncate(cut)
+
+
 def write_image_folder(root: Path, counts: Dict[str, Dict[str, int]]) -> Dict[Tuple[str, str], bytes]:
     """Write an ImageFolder tree ``root/split/class/img_k.JPEG``; return {(split, relpath): bytes}."""
     files, index = {}, 0
@@ -90,5 +100,43 @@ def records_for(indices: Sequence[int]) -> List[ShardRecord]:
     return [ShardRecord(key=f's{i:05d}', image=jpeg_bytes(i), ext='jpg', label=i) for i in indices]
 
 
-__all__ = ['IMAGE_SIZE', 'decoded', 'jpeg_bytes', 'records_for', 'truncate_in_sample', 'write_identity_shards',
-           'write_image_folder']
+__all__ = ['IMAGE_SIZE', 'decoded', 'jpeg_bytes', 'records_for', 'truncate_after_sample', 'truncate_in_sample',
+           'write_identity_shards', 'write_image_folder']
+
+
+def run_ranks(target, *args, world_size: int = 2, timeout: float = 170) -> None:
+    """Run ``target(rank, world_size, port, *args)`` in ``world_size`` spawned processes (a gloo group on a
+    free local port) and fail if any hangs or exits non-zero."""
+    import multiprocessing
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context('spawn')
+    procs = [ctx.Process(target=target, args=(rank, world_size, port, *args)) for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, 'a rank hung'
+    assert [p.exitcode for p in procs] == [0] * world_size
+
+
+@contextmanager
+def gloo_group(rank: int, world_size: int, port: int) -> Iterator[None]:
+    """Inside a :func:`run_ranks` worker: join the gloo group for the block, leave it after."""
+    import datetime
+    import multiprocessing
+
+    import torch.distributed as dist
+    # A spawned child inherits 'spawn'; DataLoader workers would re-import torch and timm each.
+    multiprocessing.set_start_method('fork', force=True)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

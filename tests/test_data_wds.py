@@ -1,22 +1,26 @@
-"""WebDataset sources and loaders on real JPEG shards written into tmp_path."""
-import gzip
-import io
+"""WebDataset loaders and their per-epoch bad-data reports, on real JPEG shards written into tmp_path."""
 import json
 import math
-import multiprocessing
 import os
-import socket
-import tarfile
 from pathlib import Path
 from typing import List
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
-from data_helpers import IMAGE_SIZE, decoded, truncate_in_sample, write_identity_shards
-from esam_timm.data import all_reduce_sums, create_train_loader, create_val_loader, resolve_source
-from esam_timm.data.wds import tar_members
+from data_helpers import (IMAGE_SIZE, decoded, gloo_group, run_ranks, truncate_after_sample, truncate_in_sample,
+                          write_identity_shards)
+from esam_timm.data import (
+    BadDataError,
+    DevicePrefetcher,
+    check_bad_fraction,
+    create_train_loader,
+    create_val_loader,
+    resolve_source,
+)
+from esam_timm.distributed import all_reduce_sum
 
 SIZES = [7, 2, 4]  # uneven shards, fewer than 2 ranks x 2 workers
 
@@ -33,71 +37,7 @@ def _train_epoch(loader, epoch):
     return labels, images
 
 
-# ---------------------------------------------------------------- sources
-
-def test_resolve_folder_reads_info(tmp_path):
-    names = write_identity_shards(tmp_path, SIZES)
-    src = resolve_source(str(tmp_path), 'train')
-    assert src.urls == [f'{tmp_path}/{n}' for n in names]
-    assert (src.num_samples, src.shard_lengths, src.name) == (13, SIZES, 'train')
-    assert resolve_source(f'file:{tmp_path}', 'train', num_samples=5).num_samples == 5
-
-
-def test_resolve_val_alias(tmp_path):
-    write_identity_shards(tmp_path, [3], split='validation')
-    assert resolve_source(str(tmp_path), 'val').name == 'validation'
-
-
-def test_resolve_pattern_with_and_without_count(tmp_path):
-    write_identity_shards(tmp_path, SIZES)
-    pattern = f'{tmp_path}/data-train-{{0000..0002}}.tar'
-    src = resolve_source(pattern, 'train', num_samples=99)
-    assert len(src.urls) == 3 and src.num_samples == 99
-    # lengths found in the _info.json next to the shards
-    sub = resolve_source(f'{tmp_path}/data-train-{{0001..0002}}.tar', 'train')
-    assert (sub.num_samples, sub.shard_lengths) == (6, [2, 4])
-
-
-def test_resolve_pattern_without_count_or_info(tmp_path):
-    write_identity_shards(tmp_path, SIZES)
-    os.remove(tmp_path / '_info.json')
-    with pytest.raises(ValueError, match='needs num_samples'):
-        resolve_source(f'{tmp_path}/data-train-{{0000..0002}}.tar', 'train')
-
-
-def test_resolve_missing_path(tmp_path):
-    missing = str(tmp_path / 'nope')
-    with pytest.raises(FileNotFoundError, match='nope'):
-        resolve_source(missing, 'train')
-
-
-def test_resolve_folder_without_info(tmp_path):
-    with pytest.raises(FileNotFoundError, match='_info.json'):
-        resolve_source(str(tmp_path), 'train')
-
-
-def test_resolve_missing_shards_in_pattern(tmp_path):
-    write_identity_shards(tmp_path, SIZES)
-    with pytest.raises(FileNotFoundError, match=r'2 of 5 shards .*data-train-0003.tar'):
-        resolve_source(f'{tmp_path}/data-train-{{0000..0004}}.tar', 'train', num_samples=10)
-
-
-@pytest.mark.parametrize('spec', ['', '   '])
-def test_resolve_empty_spec(spec):
-    with pytest.raises(ValueError, match='empty data source'):
-        resolve_source(spec, 'train')
-
-
-def test_resolve_pattern_expanding_to_nothing():
-    with pytest.raises(ValueError, match='expands to no URLs'):
-        resolve_source('::', 'train', num_samples=1)
-
-
-def test_resolve_missing_split(tmp_path):
-    write_identity_shards(tmp_path, SIZES)
-    with pytest.raises(ValueError, match=r"split 'test' not found .*\['train'\]"):
-        resolve_source(str(tmp_path), 'test')
-
+# ---------------------------------------------------------------- loaders
 
 def test_bad_loader_arguments(tmp_path):
     write_identity_shards(tmp_path, SIZES)
@@ -107,8 +47,6 @@ def test_bad_loader_arguments(tmp_path):
     with pytest.raises(ValueError, match="label_key 'json:'"):
         create_val_loader(src, batch_size=2, img_size=16, label_key='json:')
 
-
-# ---------------------------------------------------------------- loaders
 
 @pytest.mark.parametrize('num_workers', [0, 2])
 def test_val_round_trip_exact_images_and_labels(tmp_path, num_workers):
@@ -128,12 +66,23 @@ def test_val_round_trip_exact_images_and_labels(tmp_path, num_workers):
     assert len(list(loader)) == len(loader)
 
 
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_val_num_samples_reads_exactly_the_leading_samples(tmp_path, num_workers):
+    write_identity_shards(tmp_path, SIZES)
+    loader = create_val_loader(resolve_source(str(tmp_path), 'train', num_samples=8), batch_size=3,
+                               img_size=IMAGE_SIZE, crop_pct=1.0, num_workers=num_workers)
+    labels = sorted(y for _, batch in loader for y in batch.tolist())
+    assert labels == list(range(8))  # shard 0's 7 samples, then the first of shard 1 (cut)
+    assert len(list(loader)) == len(loader)
+    assert loader.data_report().bad_samples == 0 and not loader.data_report().bad_shards
+
+
 def test_val_label_from_json_field(tmp_path):
     write_identity_shards(tmp_path, [4], overrides={2: {'cls': None}})
     loader = create_val_loader(resolve_source(str(tmp_path), 'train'), batch_size=8, img_size=16,
                                num_workers=0, label_key='json:label')
     assert _val_labels(loader) == [0, 1, 2, 3]
-    assert loader.bad_samples == 0
+    assert loader.data_report().bad_samples == 0 and loader.data_report().samples == 4
 
 
 def test_train_loader_length_and_content(tmp_path):
@@ -190,11 +139,17 @@ def test_corrupt_jpeg_missing_label_and_truncated_shard_are_skipped_and_counted(
         loader = create_val_loader(src, batch_size=4, img_size=16, num_workers=num_workers)
         labels = _val_labels(loader)
         assert sorted(labels) == [0, 2, 3, 4, 5, 6, 7, 9, 10]
-        assert (loader.bad_samples, loader.bad_shards) == (2, 1)
+        report = loader.data_report()
+        # 1 corrupt image + 1 label-less sample + the 2 samples (11, 12) the truncated shard lost
+        assert (report.bad_samples, report.num_bad_shards) == (4, 1)
+        assert report.bad_samples_by_shard == {src.urls[0]: 1, src.urls[1]: 1, src.urls[2]: 2}
+        assert list(report.bad_shards) == [src.urls[2]] and 'ReadError' in report.bad_shards[src.urls[2]]
+        assert report.samples == 9
     train = create_train_loader(src, batch_size=4, img_size=16, num_workers=2, seed=0, shuffle_buffer=4)
     labels = torch.cat([y for _, y in train]).tolist()
     assert len(labels) == 16 and not {1, 8, 11, 12} & set(labels)
-    assert train.bad_samples >= 2 and train.bad_shards >= 1  # every shard is read at least once
+    report = train.data_report()
+    assert report.bad_samples >= 2 and report.num_bad_shards == 1  # every shard is read at least once
 
 
 def test_all_bad_data_raises_instead_of_spinning(tmp_path):
@@ -205,29 +160,98 @@ def test_all_bad_data_raises_instead_of_spinning(tmp_path):
         list(loader)
 
 
-def test_all_reduce_sums_without_process_group():
-    out = all_reduce_sums([3, 4.5])
+def test_all_reduce_sum_without_process_group():
+    out = all_reduce_sum([3, 4.5])
     assert out.dtype == torch.float64 and out.tolist() == [3.0, 4.5]
+
+
+# ---------------------------------------------------------------- per-epoch bad-data reports
+
+def test_truncated_shard_counts_once_per_epoch_when_resampled(tmp_path):
+    names = write_identity_shards(tmp_path, SIZES)
+    truncate_in_sample(tmp_path / names[2], 11)  # shard 2 holds 9..12: 11 and 12 are lost on every read
+    src = resolve_source(str(tmp_path), 'train', num_samples=80)  # 6 passes over 13 samples: resampling
+    loader = create_train_loader(src, batch_size=4, img_size=16, num_workers=2, seed=0, shuffle_buffer=4)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        labels = torch.cat([y for _, y in loader]).tolist()
+        report = loader.data_report()
+        assert report.bad_shards.keys() == {src.urls[2]} and report.num_bad_shards == 1
+        reads = report.bad_samples_by_shard[src.urls[2]] // 2  # each read of the shard loses 2 samples
+        assert reads >= 2 and report.bad_samples == 2 * reads  # resampled, yet listed once
+        assert report.samples == len(labels) == 80 and not {11, 12} & set(labels)
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_bad_samples_summed_exactly_over_workers_and_reset_each_epoch(tmp_path, num_workers):
+    # with 2 workers, worker 0 reads shards 0 and 2, worker 1 shard 1; worker 0's last sample (12) is bad
+    # and comes after its last full batch, so only the closing report-only item can carry it
+    bad = {0: {'jpg': b'not a jpeg'}, 5: {'jpg': b'\xff\xd8 broken'}, 8: {'jpg': None}, 12: {'cls': b'x'}}
+    write_identity_shards(tmp_path, SIZES, overrides=bad)
+    src = resolve_source(str(tmp_path), 'train')
+    loader = create_val_loader(src, batch_size=2, img_size=16, num_workers=num_workers)
+    for _ in range(2):
+        assert sorted(_val_labels(loader)) == [1, 2, 3, 4, 6, 7, 9, 10, 11]
+        report = loader.data_report()
+        assert (report.samples, report.bad_samples, report.num_bad_shards) == (9, 4, 0)
+        assert report.bad_samples_by_shard == {src.urls[0]: 2, src.urls[1]: 1, src.urls[2]: 1}
+        assert report.bad_fraction == 4 / 13
+
+
+def test_label_less_shard_is_counted_and_stops_the_check(tmp_path):
+    write_identity_shards(tmp_path, SIZES, overrides={i: {'cls': None} for i in range(7, 9)})
+    src = resolve_source(str(tmp_path), 'train')
+    loader = create_val_loader(src, batch_size=4, img_size=16, num_workers=2)
+    assert sorted(_val_labels(loader)) == [0, 1, 2, 3, 4, 5, 6, 9, 10, 11, 12]
+    report = loader.data_report()
+    assert (report.samples, report.bad_samples) == (11, 2)
+    assert report.bad_samples_by_shard == {src.urls[1]: 2}
+    check_bad_fraction(report, 0.2)  # 2 of 13 = 15% is allowed at 20%
+    with pytest.raises(BadDataError, match=r'2 of 13 samples unreadable \(15\.38%\), more than '
+                                           r'--max-bad-fraction 0\.01 \(1\.00%\); worst shards: .*'
+                                           r'data-train-0001\.tar \(2 bad samples\)') as info:
+        check_bad_fraction(report, 0.01, what='train epoch 0')
+    assert str(info.value).startswith('train epoch 0: ') and info.value.report.bad_samples == 2
+    train = create_train_loader(src, batch_size=4, img_size=16, num_workers=0, seed=0, shuffle_buffer=4)
+    assert len(list(train)) == len(train)
+    with pytest.raises(BadDataError, match='data-train-0001.tar'):
+        check_bad_fraction(train.data_report(), 0.01)
+
+
+def test_shard_short_of_its_info_length_or_unreadable_counts_its_missing_samples(tmp_path):
+    names = write_identity_shards(tmp_path, SIZES)
+    truncate_after_sample(tmp_path / names[0], 4)  # a clean cut: the tar reader sees no error
+    (tmp_path / names[1]).write_bytes(b'garbage' * 100)
+    src = resolve_source(str(tmp_path), 'train')
+    loader = create_val_loader(src, batch_size=4, img_size=16, num_workers=0)
+    assert sorted(_val_labels(loader)) == [0, 1, 2, 3, 4, 9, 10, 11, 12]
+    report = loader.data_report()
+    assert report.bad_samples_by_shard == {src.urls[0]: 2, src.urls[1]: 2}
+    assert report.bad_shards[src.urls[0]] == 'ended after 5 of the 7 samples listed in _info.json'
+    assert report.bad_shards[src.urls[1]] == 'ReadError: bad tar header checksum (corrupt, or not a tar file)'
+    assert [url for url, _, _ in report.worst_shards()] == [src.urls[0], src.urls[1]]  # ties: by URL
+    # without known lengths the clean cut goes unnoticed and the garbage shard loses no known sample
+    os.remove(tmp_path / '_info.json')
+    unknown = create_val_loader(resolve_source(f'{tmp_path}/data-train-{{0000..0002}}.tar', 'x', num_samples=13),
+                                batch_size=4, img_size=16, num_workers=0)
+    assert sorted(_val_labels(unknown)) == [0, 1, 2, 3, 4, 9, 10, 11, 12]
+    report = unknown.data_report()
+    assert (report.bad_samples, report.bad_shards.keys()) == (0, {src.urls[1]})
+
+
+def test_prefetcher_passes_the_report_through(tmp_path):
+    write_identity_shards(tmp_path, [3, 3], overrides={5: {'jpg': b'junk'}})
+    loader = create_val_loader(resolve_source(str(tmp_path), 'train'), batch_size=2, img_size=16, num_workers=2)
+    pf = DevicePrefetcher(loader, 'cpu')
+    batches = list(pf)
+    assert sum(len(y) for _, y in batches) == 5
+    assert (pf.data_report().samples, pf.data_report().bad_samples) == (5, 1)
 
 
 # ---------------------------------------------------------------- 2 ranks x 2 workers (gloo)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world_size: int, port: int, data_dirs: List[str], out_dir: str) -> None:
-    import datetime
-
-    import torch.distributed as dist
-
-    # A spawned child inherits 'spawn'; DataLoader workers would re-import torch and timm each.
-    multiprocessing.set_start_method('fork', force=True)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world_size, port):
         for case, data_dir in enumerate(data_dirs):
             result = {}
             train = create_train_loader(resolve_source(data_dir, 'train'), batch_size=2, img_size=16,
@@ -248,11 +272,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, data_dirs: List[str], out
             result['val_labels'] = labels
             result['val_len'] = len(val)
             result['val_batches'] = len(batches)
-            result['totals'] = all_reduce_sums([len(labels), sum(labels)]).tolist()
+            result['totals'] = all_reduce_sum([len(labels), sum(labels)]).tolist()
             with open(os.path.join(out_dir, f'case{case}-rank{rank}.json'), 'w') as f:
                 json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -263,18 +285,7 @@ def test_two_ranks_two_workers_uneven_shards(tmp_path):
     for case, sizes in enumerate(cases):
         data_dirs.append(str(tmp_path / f'data{case}'))
         write_identity_shards(Path(data_dirs[-1]), sizes)
-    ctx = multiprocessing.get_context('spawn')
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, data_dirs, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=170)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung, 'a rank hung'
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_ranks(_ddp_worker, data_dirs, str(tmp_path))
     for case, sizes in enumerate(cases):
         total = sum(sizes)
         results = [json.loads((tmp_path / f'case{case}-rank{r}.json').read_text()) for r in range(2)]
@@ -286,28 +297,3 @@ def test_two_ranks_two_workers_uneven_shards(tmp_path):
             assert res['totals'] == [float(total), float(sum(range(total)))]
         all_labels = results[0]['val_labels'] + results[1]['val_labels']
         assert sorted(all_labels) == list(range(total)), f'case {sizes}'
-
-
-# ---------------------------------------------------------------- tar reader
-
-@pytest.mark.parametrize('fmt', [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
-def test_tar_members_long_names_and_formats(tmp_path, fmt):
-    names = ['a.cls', 'dir/' + 'x' * 90 + '/b.jpg'] + (['c' * 120 + '.json'] if fmt != tarfile.USTAR_FORMAT else [])
-    path = tmp_path / 'm.tar'
-    with tarfile.open(path, 'w', format=fmt) as tar:
-        for i, name in enumerate(names):
-            info = tarfile.TarInfo(name)
-            info.size = 700 * i + 3
-            tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
-    with open(path, 'rb') as f:
-        got = list(tar_members(f))
-    assert [n for n, _ in got] == names
-    assert [d for _, d in got] == [bytes([i]) * (700 * i + 3) for i in range(len(names))]
-
-
-def test_gzipped_shard_is_read(tmp_path):
-    write_identity_shards(tmp_path, [3])
-    (tmp_path / 'data-train-0000.tar.gz').write_bytes(gzip.compress((tmp_path / 'data-train-0000.tar').read_bytes()))
-    loader = create_val_loader(resolve_source(f'{tmp_path}/data-train-0000.tar.gz', 'x', num_samples=3),
-                               batch_size=4, img_size=16, num_workers=0)
-    assert _val_labels(loader) == [0, 1, 2]

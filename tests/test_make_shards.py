@@ -1,11 +1,13 @@
 """Shard writer: ImageFolder -> shuffled shards with original bytes, _info.json, class map, timm compatibility."""
 import json
+import logging
+import os
 import tarfile
 
 import pytest
 from timm.data import create_dataset
 
-from data_helpers import records_for, write_image_folder
+from data_helpers import jpeg_bytes, records_for, write_image_folder
 from esam_timm.data import create_val_loader, make_shards, resolve_source, write_split
 from esam_timm.data.make_shards import main
 from esam_timm.data.shards import shard_sizes
@@ -102,3 +104,82 @@ def test_write_split_merges_into_existing_info(tmp_path):
     info = json.loads((tmp_path / '_info.json').read_text())
     assert {k: v['num_samples'] for k, v in info['splits'].items()} == {'train': 5, 'validation': 3}
     assert a['shard_lengths'] == [2, 2, 1]
+
+
+def _shard_files(out):
+    return sorted(p.name for p in out.iterdir() if p.name.endswith('.tar'))
+
+
+def _listed(out):
+    return sorted(f for s in json.loads((out / '_info.json').read_text())['splits'].values() for f in s['filenames'])
+
+
+def test_flat_val_refused_before_any_shard_is_written(tmp_path, capsys):
+    write_image_folder(tmp_path / 'src', {'train': COUNTS['train']})
+    flat = tmp_path / 'src' / 'val'
+    flat.mkdir()
+    for i in range(3):
+        (flat / f'ILSVRC2012_val_{i:08d}.JPEG').write_bytes(jpeg_bytes(i))
+    out = tmp_path / 'out'
+    with pytest.raises(ValueError, match=r"split 'validation': .*val' holds 3 image files directly .*ILSVRC2012_val_"
+                                         r"00000000.JPEG.* and no class folders; nothing was written\. .*"
+                                         r"SRC/<split>/<class>/<image>.*valprep\.sh"):
+        make_shards(tmp_path / 'src', out, progress=False)
+    assert not out.exists()
+    with pytest.raises(SystemExit, match='make_shards: error: .*holds 3 image files directly'):
+        main([str(tmp_path / 'src'), str(out), '--no-progress'])
+    assert not out.exists()
+    # images lying beside class folders would be dropped: refused as well
+    (tmp_path / 'src' / 'train' / 'stray.jpg').write_bytes(jpeg_bytes(0))
+    with pytest.raises(ValueError, match=r"split 'train': .* holds 1 image files directly .* beside its 3 class"):
+        make_shards(tmp_path / 'src', out, splits=['train'], progress=False)
+    os.remove(tmp_path / 'src' / 'train' / 'stray.jpg')
+    (tmp_path / 'src' / 'empty').mkdir()
+    with pytest.raises(ValueError, match="split 'empty': no class folders"):
+        make_shards(tmp_path / 'src', out, splits=['train', 'empty'], progress=False)
+    assert not out.exists()
+
+
+def test_corrupt_images_are_skipped_reported_and_not_packed(tmp_path, caplog):
+    files = write_image_folder(tmp_path / 'src', COUNTS)
+    src_train = tmp_path / 'src' / 'train'
+    (src_train / 'cat' / 'img_1.JPEG').write_bytes(files[('train', 'cat/img_1.JPEG')][:300])  # truncated
+    (src_train / 'dog' / 'img_0.JPEG').write_bytes(b'not an image')
+    out = tmp_path / 'out'
+    with caplog.at_level(logging.WARNING, logger='esam_timm.data.shards'):
+        make_shards(tmp_path / 'src', out, max_count=4, workers=2, progress=False)
+    train = json.loads((out / '_info.json').read_text())['splits']['train']
+    assert train['num_samples'] == 10 and sum(train['shard_lengths']) == 10
+    corrupt = {c['file']: c['error'] for c in train['corrupt_files']}
+    assert sorted(corrupt) == ['cat/img_1.JPEG', 'dog/img_0.JPEG']
+    assert 'truncated' in corrupt['cat/img_1.JPEG'].lower()
+    assert corrupt['dog/img_0.JPEG'] == 'UnidentifiedImageError: not an image format PIL can read'
+    assert "split 'train': skipped 2 corrupt image(s)" in caplog.text and 'dog/img_0.JPEG' in caplog.text
+    packed = [json.loads(data)['filename'] for name in train['filenames']
+              for n, data in _members(out / name) if n.endswith('.json')]
+    assert sorted(packed) == sorted(rel for split, rel in files if split == 'train' and rel not in corrupt)
+    loader = create_val_loader(resolve_source(str(out), 'train'), batch_size=4, img_size=16, num_workers=0)
+    assert sum(len(y) for _, y in loader) == 10 and not loader.data_report().has_bad_data()
+    assert 'corrupt_files' not in json.loads((out / '_info.json').read_text())['splits']['validation']
+
+
+def test_rerun_leaves_no_stale_shard(tmp_path, caplog):
+    write_image_folder(tmp_path / 'src', COUNTS)
+    out = tmp_path / 'out'
+    make_shards(tmp_path / 'src', out, max_count=2, prefix='zoo', progress=False)
+    assert len(_shard_files(out)) == 6 + 3
+    make_shards(tmp_path / 'src', out, max_count=4, prefix='zoo', progress=False)
+    assert _shard_files(out) == _listed(out) and len(_listed(out)) == 3 + 2
+    # a new prefix: the old files of the rewritten split go, the split not rewritten stays
+    make_shards(tmp_path / 'src', out, splits=['train'], max_count=6, prefix='new', progress=False)
+    assert _shard_files(out) == _listed(out) == ['new-train-0000.tar', 'new-train-0001.tar',
+                                                 'zoo-validation-0000.tar', 'zoo-validation-0001.tar']
+    # a leftover named like this run's shards (a crashed earlier run) goes; a foreign file stays, named
+    (out / 'new-train-0007.tar').write_bytes(b'')
+    (out / 'other.tar').write_bytes(b'')
+    with caplog.at_level(logging.WARNING, logger='esam_timm.data.shards'):
+        make_shards(tmp_path / 'src', out, splits=['train'], max_count=6, prefix='new', progress=False)
+    assert _shard_files(out) == sorted(_listed(out) + ['other.tar'])
+    assert '1 shard file(s) in' in caplog.text and 'other.tar' in caplog.text
+    assert sum(len(y) for _, y in create_val_loader(resolve_source(str(out), 'train'), batch_size=4,
+                                                    img_size=16, num_workers=0)) == 12

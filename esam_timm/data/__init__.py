@@ -1,19 +1,14 @@
-"""Data layer: WebDataset sources and loaders, the device-side prefetcher, shard writer, demo data."""
+"""Data layer: WebDataset sources, loaders with per-epoch bad-data reports, device prefetcher, shard writer, demo."""
 from .demo import make_demo_dataset
-from .loader import DevicePrefetcher
+from .prefetch import DevicePrefetcher
+from .report import BadDataError, DataReport, check_bad_fraction, reduce_data_report
 from .shards import ShardRecord, make_shards, write_info, write_split
-from .wds import (
-    DataStats,
-    ShardSource,
-    WdsLoader,
-    all_reduce_sums,
-    create_train_loader,
-    create_val_loader,
-    resolve_source,
-)
+from .sources import INFO_NAME, ShardSource, has_info, num_classes_from_info, read_info, resolve_source
+from .wds import WdsLoader, create_train_loader, create_val_loader
 
 __all__ = [
-    'DataStats', 'DevicePrefetcher', 'ShardRecord', 'ShardSource', 'WdsLoader', 'all_reduce_sums',
-    'create_train_loader', 'create_val_loader', 'make_demo_dataset', 'make_shards', 'resolve_source',
-    'write_info', 'write_split',
+    'BadDataError', 'DataReport', 'DevicePrefetcher', 'INFO_NAME', 'ShardRecord', 'ShardSource', 'WdsLoader',
+    'check_bad_fraction', 'create_train_loader', 'create_val_loader', 'has_info', 'make_demo_dataset',
+    'make_shards', 'num_classes_from_info', 'read_info', 'reduce_data_report', 'resolve_source', 'write_info',
+    'write_split',
 ]

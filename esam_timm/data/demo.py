@@ -6,7 +6,6 @@ tests exercise the real WebDataset path. With up to 10 classes the class is the 
 are random); beyond 10, shape and a hue band together define the class.
 """
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -15,7 +14,10 @@ from typing import Callable, Dict, List, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shards import INFO_NAME, ShardRecord, write_info, write_split
+from esam_timm.fileio import atomic_write_text
+
+from .shards import ShardRecord, write_info, write_split
+from .sources import CLASS_MAP_NAME, has_info, read_info
 
 _logger = logging.getLogger(__name__)
 
@@ -140,11 +142,9 @@ def _records(split: str, num_classes: int, per_class: int, image_size: int, seed
 
 
 def _is_complete(out_dir: Path, config: Dict[str, object]) -> bool:
-    info_path = out_dir / INFO_NAME
-    if not info_path.is_file():
+    if not has_info(str(out_dir)):
         return False
-    with open(info_path) as f:
-        info = json.load(f)
+    info = read_info(str(out_dir))
     if info.get('demo') != config:
         return False
     return all((out_dir / name).is_file()
@@ -182,7 +182,7 @@ def make_demo_dataset(
         records = _records(split, num_classes, per_class, image_size, seed)
         splits[split] = write_split(records, out_dir, split, prefix='demo', max_count=samples_per_shard,
                                     seed=seed, progress=False)
-    (out_dir / 'class_map.txt').write_text(''.join(f'{n}\n' for n in class_names(num_classes)))
+    atomic_write_text(out_dir / CLASS_MAP_NAME, ''.join(f'{n}\n' for n in class_names(num_classes)))
     write_info(out_dir, 'demo', splits, extra={'demo': config})
     _logger.info('wrote demo dataset (%d classes) to %s', num_classes, out_dir)
     return out_dir

@@ -1,327 +1,121 @@
-"""WebDataset sources and the training / validation pipelines that read them.
+"""Training and validation pipelines over WebDataset shards, with per-epoch bad-data accounting.
 
-A source is a folder (or URL) holding timm's ``_info.json`` plus shards, or a brace pattern of shard
-URLs with a sample count. Shards are opened with ``webdataset.gopen``, so local paths, ``file:``,
-``pipe:`` and http(s) URLs all work.
+Sources come from :mod:`esam_timm.data.sources`, shard bytes from :mod:`esam_timm.data.tar`.
 
 Training streams are infinite (each (rank, worker) stream walks its share of an epoch-seeded shard
-permutation, then resamples shards) and cut with ``with_epoch``, so every rank yields exactly
+permutation, then resamples shards) and cut after a fixed batch count, so every rank yields exactly
 ``ceil(num_samples / (batch_size * world_size))`` batches per epoch whatever the shard sizes: no DDP
 hang at an epoch end. Validation reads every sample exactly once across all ranks and workers, also
 with uneven shards or fewer shards than streams; its per-rank batch counts may differ, so the caller
-sums its metrics once at the end with :func:`all_reduce_sums`.
+sums its metrics once at the end with :func:`esam_timm.distributed.all_reduce_sum`.
 
 Batches are ``(uint8 images [B, 3, H, W], int64 labels [B])``; normalisation, random erasing and
-mixup happen on the device (see :mod:`esam_timm.data.loader`). Bad data (an undecodable image, a
-sample without a label, an unreadable or truncated shard) is skipped, counted and logged without
-sleeping.
+mixup happen on the device (see :mod:`esam_timm.data.prefetch`). Bad data (an undecodable image, a
+sample without a label, an unreadable or truncated shard) is skipped without sleeping and counted:
+each worker sends the counts it gathered since its last batch along with the next one (nothing is
+shared between processes, no per-sample round trip), and :meth:`WdsLoader.data_report` sums them
+into the epoch's :class:`~esam_timm.data.report.DataReport` (rules in :mod:`esam_timm.data.report`).
+Per-sample warnings are rate-limited; the report's totals are exact.
 """
-import gzip
 import io
 import json
 import logging
 import math
 import multiprocessing as mp
-import os
 import random
-import tarfile
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from itertools import islice
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.shardlists import expand_urls
+
+from .report import DataReport
+from .sources import INFO_NAME, ShardSource
+from .tar import ShardReadError, describe_error, read_shard
+
+__all__ = ['DEFAULT_IMAGE_KEY', 'DEFAULT_LABEL_KEY', 'WdsLoader', 'WdsTrainDataset', 'WdsValDataset', 'collate',
+           'create_train_loader', 'create_val_loader']
 
 _logger = logging.getLogger(__name__)
 
-INFO_NAME = '_info.json'
 DEFAULT_IMAGE_KEY = 'jpg;jpeg;png;webp'
 DEFAULT_LABEL_KEY = 'cls'
-_SPLIT_ALIASES = {'val': 'validation', 'validation': 'val'}
-# Log the first bad items one by one, then every Nth, so a broken dataset cannot flood the log.
+# Log a worker's first bad samples of an epoch one by one, then every Nth, so a broken dataset cannot
+# flood the log; the epoch's DataReport has the exact count.
 _LOG_FIRST_BAD, _LOG_EVERY_BAD = 10, 100
 # A stream with this many failures in a row is not "some bad data" but a broken source or config.
 _MAX_CONSECUTIVE_BAD_SAMPLES = 1000
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
+# What a dataset hands to the DataLoader: (images, labels, bad data since the last item or None);
+# images and labels are None in the report-only item that closes a worker's stream.
+_Item = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[DataReport]]
 
 
-@dataclass
-class ShardSource:
-    """Shard URLs of one split, with the sample count that defines an epoch."""
-
-    urls: List[str]
-    num_samples: int
-    shard_lengths: Optional[List[int]] = None
-    name: str = ''
-
-    def __post_init__(self) -> None:
-        if not self.urls:
-            raise ValueError(f'source {self.name!r} has no shard URLs')
-        if self.num_samples < 1:
-            raise ValueError(f'source {self.name!r}: num_samples must be >= 1, got {self.num_samples}')
-        if self.shard_lengths is not None and len(self.shard_lengths) != len(self.urls):
-            raise ValueError(
-                f'source {self.name!r}: {len(self.shard_lengths)} shard_lengths for {len(self.urls)} shards')
-
-
-def _is_remote(spec: str) -> bool:
-    """True for URLs that are not local files (http(s), pipe:, s3:, ...)."""
-    scheme, sep, _ = spec.partition(':')
-    return bool(sep) and scheme != 'file' and len(scheme) > 1
-
-
-def _local_path(spec: str) -> str:
-    return spec[len('file:'):] if spec.startswith('file:') else spec
-
-
-def _is_pattern(spec: str) -> bool:
-    """A shard list (brace pattern, '::' list, pipe command or .tar URL) rather than a dataset root."""
-    return (spec.startswith('pipe:') or '{' in spec or '::' in spec
-            or spec.endswith(('.tar', '.tar.gz', '.tgz')))
-
-
-def _read_info(root: str) -> Dict[str, Any]:
-    """Load ``root/_info.json`` from a local folder or a URL; FileNotFoundError names what was tried."""
-    if _is_remote(root):
-        url = f'{root.rstrip("/")}/{INFO_NAME}'
-        try:
-            with wds.gopen(url) as f:
-                return json.load(f)
-        except (OSError, ValueError) as exc:
-            raise FileNotFoundError(f'could not read {url!r} ({exc}); pass a shard pattern instead') from exc
-    path = _local_path(root)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'data source {root!r} not found: no such folder or shard pattern')
-    info_path = os.path.join(path, INFO_NAME)
-    if not os.path.isfile(info_path):
-        raise FileNotFoundError(
-            f'no {INFO_NAME} in {path!r}: give a folder holding timm\'s {INFO_NAME} and its shards, '
-            'or a shard pattern such as "train-{0000..0099}.tar" with a sample count')
-    with open(info_path) as f:
-        return json.load(f)
-
-
-def _check_local_shards(urls: Sequence[str], what: str) -> None:
-    missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(_local_path(u))]
-    if missing:
-        raise FileNotFoundError(f'{len(missing)} of {len(urls)} shards of {what} not found, e.g. {missing[:3]}')
-
-
-def _split_from_info(info: Dict[str, Any], split: str, where: str) -> Tuple[str, Dict[str, Any]]:
-    splits = info.get('splits') or {}
-    for name in (split, _SPLIT_ALIASES.get(split)):
-        if name in splits:
-            return name, splits[name]
-    raise ValueError(f'split {split!r} not found in {where}; available splits: {sorted(splits)}')
-
-
-def resolve_source(data_dir_or_pattern: str, split: str, num_samples: Optional[int] = None) -> ShardSource:
-    """Resolve a dataset folder/URL with ``_info.json``, or a shard pattern, into a :class:`ShardSource`.
-
-    Args:
-        data_dir_or_pattern: a folder or http(s) base URL holding ``_info.json`` (timm's layout), or
-            shard URLs: a brace pattern (``/data/imagenet1k-train-{0000..1023}.tar``), a ``::``
-            separated list, a ``pipe:`` command or a single ``.tar``.
-        split: split name looked up in ``_info.json`` (``val`` and ``validation`` stand for each
-            other); for a pattern it only names the source.
-        num_samples: samples per epoch; required for a pattern unless a local ``_info.json`` next to
-            the shards lists them; for a folder it overrides the count of ``_info.json``.
-
-    Raises:
-        ValueError: empty spec or pattern, missing split, or a pattern without a sample count.
-        FileNotFoundError: missing folder, ``_info.json`` or local shards.
-    """
-    spec = (data_dir_or_pattern or '').strip()
-    if not spec:
-        raise ValueError('empty data source: give a folder with _info.json or a shard pattern')
-    if not _is_pattern(spec):
-        info = _read_info(spec)
-        name, entry = _split_from_info(info, split, f'{INFO_NAME} of {spec!r}')
-        base = spec.rstrip('/')
-        urls = [f'{base}/{fname}' for fname in entry['filenames']]
-        _check_local_shards(urls, f'split {name!r} of {spec!r}')
-        lengths = [int(n) for n in entry['shard_lengths']] if entry.get('shard_lengths') else None
-        total = int(entry['num_samples'])
-        if num_samples is not None and num_samples != total:
-            _logger.info('split %r: using num_samples=%d instead of %d from %s', name, num_samples, total, INFO_NAME)
-        return ShardSource(urls, num_samples if num_samples is not None else total, lengths, name)
-    urls = expand_urls(spec)
-    if not urls or not all(urls):
-        raise ValueError(f'shard pattern {spec!r} expands to no URLs')
-    _check_local_shards(urls, f'pattern {spec!r}')
-    lengths = _lengths_from_sibling_info(urls)
-    if num_samples is None:
-        if lengths is None:
-            raise ValueError(
-                f'shard pattern {spec!r} needs num_samples (no {INFO_NAME} next to the shards lists them)')
-        num_samples = sum(lengths)
-    return ShardSource(urls, num_samples, lengths, split)
-
-
-def _lengths_from_sibling_info(urls: Sequence[str]) -> Optional[List[int]]:
-    """Shard lengths of local shards from an ``_info.json`` in their folder, if it lists all of them."""
-    if any(_is_remote(u) for u in urls):
-        return None
-    folder = os.path.dirname(_local_path(urls[0]))
-    path = os.path.join(folder, INFO_NAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        info = json.load(f)
-    known = {}
-    for entry in (info.get('splits') or {}).values():
-        known.update(zip(entry.get('filenames', []), entry.get('shard_lengths', [])))
-    names = [os.path.basename(_local_path(u)) for u in urls]
-    if os.path.dirname(_local_path(urls[-1])) != folder or not all(n in known for n in names):
-        return None
-    return [int(known[n]) for n in names]
-
-
-class DataStats:
-    """Bad-sample and bad-shard counters shared by the loader's worker processes."""
+class _Tally:
+    """The bad data one worker's stream met since its last batch, and that worker's rate-limited log."""
 
     def __init__(self) -> None:
-        self._bad_samples = mp.Value('q', 0)
-        self._bad_shards = mp.Value('q', 0)
+        self._pending = DataReport()
+        self._bad_samples_seen = 0
+        self._shards_logged: Set[str] = set()
 
-    @property
-    def bad_samples(self) -> int:
-        """Samples skipped so far (undecodable image, missing or invalid label)."""
-        return int(self._bad_samples.value)
-
-    @property
-    def bad_shards(self) -> int:
-        """Shards that could not be opened or broke off while reading (e.g. truncated)."""
-        return int(self._bad_shards.value)
-
-    @staticmethod
-    def _add(counter: Any) -> int:
-        with counter.get_lock():
-            counter.value += 1
-            return int(counter.value)
-
-    def add_bad_sample(self, key: str, url: str, exc: BaseException) -> None:
-        """Count one skipped sample and log it (rate-limited)."""
-        n = self._add(self._bad_samples)
+    def bad_sample(self, key: str, url: str, exc: BaseException) -> None:
+        """Count one unusable sample of shard ``url`` and log it (the first few, then every Nth)."""
+        self._pending.add_bad_samples(url)
+        self._bad_samples_seen += 1
+        n = self._bad_samples_seen
         if n <= _LOG_FIRST_BAD or n % _LOG_EVERY_BAD == 0:
-            _logger.warning('skipped bad sample %r of %s: %r (%d bad samples so far)', key, url, exc, n)
+            _logger.warning('skipped bad sample %r of %s: %s (%d in this worker this epoch; the epoch report '
+                            'has the total)', key, url, describe_error(exc), n)
 
-    def add_bad_shard(self, url: str, exc: BaseException) -> None:
-        """Count one unreadable or truncated shard and log it (rate-limited)."""
-        n = self._add(self._bad_shards)
-        if n <= _LOG_FIRST_BAD or n % _LOG_EVERY_BAD == 0:
-            _logger.warning('stopped reading shard %s: %r (%d bad shards so far)', url, exc, n)
+    def bad_shard(self, url: str, error: str, missing: int) -> None:
+        """Record a shard that failed or ended short, with the samples it did not deliver; log it once."""
+        self._pending.add_bad_shard(url, error)
+        self._pending.add_bad_samples(url, missing)
+        if url not in self._shards_logged:
+            self._shards_logged.add(url)
+            _logger.warning('could not read shard %s in full: %s (%d samples lost)', url, error, missing)
 
-
-def _split_member_name(name: str) -> Tuple[Optional[str], str]:
-    """Split a tar member name into (sample key, lower-case extension) at the first dot of the base name."""
-    folder, _, base = name.rpartition('/')
-    stem, dot, ext = base.partition('.')
-    if not dot or not stem:
-        return None, ''
-    return (f'{folder}/{stem}' if folder else stem), ext.lower()
-
-
-_BLOCK = 512
-_READ_BUFFER = 1 << 20
-_REGULAR = (b'0', b'\0', b'7')
+    def pop(self) -> Optional[DataReport]:
+        """The bad data gathered since the last call, or None when there was none."""
+        if not self._pending.has_bad_data():
+            return None
+        delta, self._pending = self._pending, DataReport()
+        return delta
 
 
-def _read_exact(stream: Any, size: int) -> bytes:
-    data = stream.read(size)
-    if len(data) != size:
-        raise tarfile.ReadError(f'unexpected end of data: wanted {size} bytes, got {len(data)}')
-    return data
+def _read_counted(url: str, tally: _Tally, length: Optional[int], stride: int = 1,
+                  offset: int = 0, limit: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+    """Samples ``offset::stride`` of one shard; a shard that fails, or ends short of ``length``, goes to ``tally``.
 
-
-def _parse_header(block: bytes) -> Tuple[str, int, bytes]:
-    """(name, size, type flag) of a ustar/GNU header block; ReadError on a bad checksum."""
-    stored = int(block[148:156].strip(b' \0') or b'0', 8)
-    if stored != sum(block[:148]) + 256 + sum(block[156:]):
-        raise tarfile.ReadError('bad tar header checksum')
-    name = block[:100].split(b'\0', 1)[0]
-    if block[257:262] == b'ustar' and block[345] != 0:
-        name = block[345:500].split(b'\0', 1)[0] + b'/' + name
-    return name.decode('utf-8', 'surrogateescape'), tarfile.nti(block[124:136]), block[156:157]
-
-
-def _parse_pax(data: bytes) -> Dict[str, str]:
-    """Records ``"<len> key=value\n"`` of a pax extended header."""
-    records, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] != b'\0':
-        length = int(data[pos:data.index(b' ', pos)])
-        key, _, value = data[data.index(b' ', pos) + 1:pos + length - 1].partition(b'=')
-        records[key.decode('utf-8')] = value.decode('utf-8', 'surrogateescape')
-        pos += length
-    return records
-
-
-def tar_members(stream: Any) -> Iterator[Tuple[str, bytes]]:
-    """Yield (name, data) of the regular files of an uncompressed tar stream, in order.
-
-    A lean sequential reader: ``tarfile``'s stream mode costs about as much per image as a tenth
-    of its JPEG decode. Handles ustar, GNU long names and pax ``path``/``size`` records; raises
-    ``tarfile.ReadError`` on a truncated stream or a corrupt header.
+    The samples it did not deliver (of this stream's slice) count as bad: all the missing ones when
+    ``length`` is known, else only the one a break cut in two. With ``limit`` only the shard's first
+    ``limit`` samples are read (a validation subset).
     """
-    long_name: Optional[str] = None
-    pax: Dict[str, str] = {}
-    while True:
-        block = stream.read(_BLOCK)
-        if not block or block == bytes(_BLOCK):
-            return
-        if len(block) != _BLOCK:
-            raise tarfile.ReadError(f'unexpected end of data in a header ({len(block)} bytes)')
-        name, size, kind = _parse_header(block)
-        size = int(pax.get('size', size))
-        data = _read_exact(stream, size)
-        _read_exact(stream, -size % _BLOCK)
-        if kind == tarfile.GNUTYPE_LONGNAME:
-            long_name = data.rstrip(b'\0').decode('utf-8', 'surrogateescape')
-        elif kind == tarfile.XHDTYPE:
-            pax = _parse_pax(data)
-        elif kind != tarfile.XGLTYPE:
-            if kind in _REGULAR:
-                yield pax.get('path', long_name or name), data
-            long_name, pax = None, {}
-
-
-def read_shard(url: str, stats: DataStats) -> Iterator[Dict[str, Any]]:
-    """Yield the samples (``{'__key__', '__url__', ext: bytes}``) of one tar shard (``.tar.gz``/``.tgz`` too).
-
-    A shard that cannot be opened or breaks off mid-way is counted as bad; the samples completed
-    before the break are kept, the one being read is dropped.
-    """
+    if limit is not None:
+        length = limit if length is None else min(length, limit)
+    count, error, partial_sample = 0, None, False
     try:
-        stream = wds.gopen(url, bufsize=_READ_BUFFER)
-    except Exception as exc:  # gopen raises many types (OSError, ValueError, subprocess errors)
-        stats.add_bad_shard(url, exc)
-        return
-    current: Optional[Dict[str, Any]] = None
-    try:
-        members = tar_members(gzip.GzipFile(fileobj=stream) if url.endswith(('.gz', '.tgz')) else stream)
-        for name, data in members:
-            key, ext = _split_member_name(name)
-            if key is None or key.startswith('__'):
-                continue
-            if current is not None and current['__key__'] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {'__key__': key, '__url__': url}
-            current[ext] = data
-        if current is not None:
-            yield current
-    except Exception as exc:  # corrupt data surfaces as ReadError, OSError, EOFError, zlib.error...
-        stats.add_bad_shard(url, exc)
-    finally:
-        stream.close()
+        for sample in read_shard(url):
+            if limit is not None and count >= limit:
+                break
+            if count % stride == offset:
+                yield sample
+            count += 1
+    except ShardReadError as exc:
+        error, partial_sample = describe_error(exc.cause), exc.partial
+    if length is not None and count < length:
+        missing = len(range(offset, length, stride)) - len(range(offset, count, stride))
+        error = error or f'ended after {count} of the {length} samples listed in {INFO_NAME}'
+    else:
+        missing = int(partial_sample and count % stride == offset)
+    if error is not None:
+        tally.bad_shard(url, error, missing)
 
 
 def _parse_label(sample: Dict[str, Any], label_key: str) -> int:
@@ -346,15 +140,15 @@ def _decode_image(sample: Dict[str, Any], image_keys: Sequence[str]) -> Image.Im
     raise KeyError(f'no image member among {list(image_keys)}')
 
 
-def decode_samples(
+def _decode_samples(
         samples: Iterable[Dict[str, Any]],
         *,
         transform: Callable[[Image.Image], torch.Tensor],
         image_keys: Sequence[str],
         label_key: str,
-        stats: DataStats,
+        tally: _Tally,
 ) -> Iterator[Tuple[torch.Tensor, int]]:
-    """Decode, label and transform raw samples, skipping (and counting) the ones that fail.
+    """Decode, label and transform raw samples, skipping (and counting in ``tally``) the ones that fail.
 
     Raises RuntimeError after many failures in a row: that is a broken source or configuration.
     """
@@ -364,7 +158,7 @@ def decode_samples(
             label = _parse_label(sample, label_key)
             image = transform(_decode_image(sample, image_keys))
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-            stats.add_bad_sample(sample.get('__key__', '?'), sample.get('__url__', '?'), exc)
+            tally.bad_sample(sample.get('__key__', '?'), sample.get('__url__', '?'), exc)
             failures += 1
             if failures >= _MAX_CONSECUTIVE_BAD_SAMPLES:
                 raise RuntimeError(
@@ -428,12 +222,13 @@ def _shard_stream(urls: Sequence[str], seed: int, epoch: int, stream: int, num_s
         yield urls[rng.randrange(len(urls))]
 
 
-def _samples_from_shards(urls: Iterable[str], stats: DataStats, max_empty: int) -> Iterator[Dict[str, Any]]:
+def _samples_from_shards(urls: Iterable[str], tally: _Tally, lengths: Dict[str, int],
+                         max_empty: int) -> Iterator[Dict[str, Any]]:
     """Samples of the given shards in order; raises RuntimeError after ``max_empty`` empty shards in a row."""
     empty = 0
     for url in urls:
         count = 0
-        for sample in read_shard(url, stats):
+        for sample in _read_counted(url, tally, lengths.get(url)):
             count += 1
             yield sample
         empty = 0 if count else empty + 1
@@ -441,7 +236,41 @@ def _samples_from_shards(urls: Iterable[str], stats: DataStats, max_empty: int) 
             raise RuntimeError(f'{empty} shards in a row gave no samples (last: {url}); check the data source')
 
 
-class WdsTrainDataset(IterableDataset):
+class _WdsDataset(IterableDataset):
+    """What both pipelines share: the shards, decoding, batching, and the bad-data counts that go with the batches.
+
+    Each DataLoader worker (or the calling process) yields ``(images, labels, DataReport or None)``:
+    the report holds the bad data met since the previous batch, and a last ``(None, None, report)``
+    item carries what came after the last batch. :class:`WdsLoader` folds them into the epoch report.
+    """
+
+    def __init__(self, source: ShardSource, *, batch_size: int, transform: Callable[[Image.Image], torch.Tensor],
+                 rank: int, world_size: int, image_keys: Sequence[str], label_key: str) -> None:
+        super().__init__()
+        self.urls = list(source.urls)
+        self.lengths: Dict[str, int] = dict(zip(self.urls, source.shard_lengths or ()))
+        self.batch_size = batch_size
+        self.transform = transform
+        self.rank = rank
+        self.world_size = world_size
+        self.image_keys = list(image_keys)
+        self.label_key = label_key
+
+    def _batches(self, samples: Iterable[Dict[str, Any]], tally: _Tally, partial_batch: bool) -> Iterator[Batch]:
+        decoded = _decode_samples(samples, transform=self.transform, image_keys=self.image_keys,
+                                  label_key=self.label_key, tally=tally)
+        return wds.batched(self.batch_size, collation_fn=collate, partial=partial_batch)(decoded)
+
+    @staticmethod
+    def _with_reports(batches: Iterable[Batch], tally: _Tally) -> Iterator[_Item]:
+        for images, labels in batches:
+            yield images, labels, tally.pop()
+        tail = tally.pop()
+        if tail is not None:
+            yield None, None, tail
+
+
+class WdsTrainDataset(_WdsDataset):
     """Per-worker training pipeline: shards -> shuffle buffer -> decode/transform -> batches.
 
     Each DataLoader worker yields its share of ``batches_per_rank`` full batches per epoch. All
@@ -449,23 +278,13 @@ class WdsTrainDataset(IterableDataset):
     seeded from (seed, epoch, rank, worker): runs reproduce and every epoch reshuffles.
     """
 
-    def __init__(self, urls: Sequence[str], *, batches_per_rank: int, batch_size: int,
-                 transform: Callable[[Image.Image], torch.Tensor], seed: int, rank: int, world_size: int,
-                 shuffle_buffer: int, shuffle_initial: int, image_keys: Sequence[str], label_key: str,
-                 stats: DataStats) -> None:
-        super().__init__()
-        self.urls = list(urls)
+    def __init__(self, source: ShardSource, *, batches_per_rank: int, seed: int, shuffle_buffer: int,
+                 shuffle_initial: int, **common: Any) -> None:
+        super().__init__(source, **common)
         self.batches_per_rank = batches_per_rank
-        self.batch_size = batch_size
-        self.transform = transform
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_initial = shuffle_initial
-        self.image_keys = list(image_keys)
-        self.label_key = label_key
-        self.stats = stats
         self._epoch = mp.Value('q', 0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -476,7 +295,7 @@ class WdsTrainDataset(IterableDataset):
     def epoch(self) -> int:
         return int(self._epoch.value)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[_Item]:
         worker, num_workers = _worker_info()
         num_batches = len(range(worker, self.batches_per_rank, num_workers))
         if num_batches == 0:
@@ -491,16 +310,11 @@ class WdsTrainDataset(IterableDataset):
             random.seed(aug_seed)
             np.random.seed(aug_seed)
             torch.manual_seed(aug_seed)
+        tally = _Tally()
         shards = _shard_stream(self.urls, self.seed, epoch, stream, num_streams, rng)
-        pipeline = wds.DataPipeline(
-            lambda: shards,
-            partial(_samples_from_shards, stats=self.stats, max_empty=max(10, 2 * len(self.urls))),
-            wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng),
-            partial(decode_samples, transform=self.transform, image_keys=self.image_keys,
-                    label_key=self.label_key, stats=self.stats),
-            wds.batched(self.batch_size, collation_fn=collate, partial=False),
-        ).with_epoch(nbatches=num_batches)
-        return iter(pipeline)
+        samples = _samples_from_shards(shards, tally, self.lengths, max_empty=max(10, 2 * len(self.urls)))
+        shuffled = wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng)(samples)
+        return self._with_reports(islice(self._batches(shuffled, tally, partial_batch=False), num_batches), tally)
 
 
 def _val_assignment(num_shards: int, stream: int, num_streams: int) -> List[Tuple[int, int, int]]:
@@ -516,38 +330,48 @@ def _val_assignment(num_shards: int, stream: int, num_streams: int) -> List[Tupl
     return [(shard, len(range(shard, num_streams, num_shards)), stream // num_shards)]
 
 
-class WdsValDataset(IterableDataset):
-    """Per-worker validation pipeline: this stream's samples, in shard order, decoded and batched."""
+class WdsValDataset(_WdsDataset):
+    """Per-worker validation pipeline: this stream's samples, in shard order, decoded and batched.
 
-    def __init__(self, urls: Sequence[str], *, batch_size: int, transform: Callable[[Image.Image], torch.Tensor],
-                 rank: int, world_size: int, image_keys: Sequence[str], label_key: str, stats: DataStats) -> None:
-        super().__init__()
-        self.urls = list(urls)
-        self.batch_size = batch_size
-        self.transform = transform
-        self.rank = rank
-        self.world_size = world_size
-        self.image_keys = list(image_keys)
-        self.label_key = label_key
-        self.stats = stats
+    A source whose ``num_samples`` is below the sum of its shard lengths is read as that many samples:
+    the first shards in order, the last one cut (``--val-num-samples``).
+    """
 
-    def _samples(self, parts: Sequence[Tuple[int, int, int]]) -> Iterator[Dict[str, Any]]:
-        for shard, stride, offset in parts:
-            for i, sample in enumerate(read_shard(self.urls[shard], self.stats)):
-                if i % stride == offset:
-                    yield sample
+    def __init__(self, source: ShardSource, **kwargs: Any) -> None:
+        source, self.limits = _leading_subset(source)
+        super().__init__(source, **kwargs)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[_Item]:
         worker, num_workers = _worker_info()
         parts = _val_assignment(len(self.urls), self.rank * num_workers + worker, self.world_size * num_workers)
-        samples = decode_samples(self._samples(parts), transform=self.transform, image_keys=self.image_keys,
-                                 label_key=self.label_key, stats=self.stats)
-        return wds.batched(self.batch_size, collation_fn=collate, partial=True)(samples)
+        tally = _Tally()
+        samples = (sample for shard, stride, offset in parts
+                   for sample in _read_counted(self.urls[shard], tally, self.lengths.get(self.urls[shard]),
+                                               stride, offset, self.limits.get(self.urls[shard])))
+        return self._with_reports(self._batches(samples, tally, partial_batch=True), tally)
+
+
+def _leading_subset(source: ShardSource) -> Tuple[ShardSource, Dict[str, int]]:
+    """The first ``source.num_samples`` samples of a source with known shard lengths, as a source over the
+    shards they lie in (the last one's length cut) and that shard's read limit; other sources unchanged."""
+    lengths = source.shard_lengths
+    if lengths is None or source.num_samples >= sum(lengths):
+        return source, {}
+    kept, remaining = [], source.num_samples
+    for url, length in zip(source.urls, lengths):
+        if remaining <= 0:
+            break
+        kept.append((url, min(length, remaining)))
+        remaining -= length
+    urls, cut = [u for u, _ in kept], [n for _, n in kept]
+    limits = {urls[-1]: cut[-1]} if cut[-1] < lengths[len(cut) - 1] else {}
+    return ShardSource(urls, source.num_samples, cut, source.name), limits
 
 
 def _val_batches_per_rank(source: ShardSource, batch_size: int, rank: int, world_size: int,
                           num_workers: int) -> int:
     """Exact batch count of this rank when shard lengths are known, else an even-split estimate."""
+    source, _ = _leading_subset(source)
     if source.shard_lengths is None:
         return math.ceil(source.num_samples / world_size / batch_size)
     workers = max(1, num_workers)
@@ -560,26 +384,27 @@ def _val_batches_per_rank(source: ShardSource, batch_size: int, rank: int, world
 
 
 class WdsLoader:
-    """A DataLoader over a WebDataset pipeline with a fixed ``len()`` and epoch control.
+    """A DataLoader over a WebDataset pipeline with a fixed ``len()``, epoch control and a bad-data report.
 
     Iterating yields ``(uint8 images [B, 3, H, W], int64 labels [B])``. Training loaders yield
     exactly ``len(self)`` batches per epoch on every rank; validation loaders yield each of their
     samples once (``len`` is exact when shard lengths are known, an estimate otherwise).
-    Attributes ``mean``, ``std`` and the random-erasing settings ``re_prob``, ``re_mode``,
-    ``re_count`` are read by :class:`~esam_timm.data.loader.DevicePrefetcher`.
+    :meth:`data_report` tells what the current epoch read and lost. Attributes ``mean``, ``std`` and
+    the random-erasing settings ``re_prob``, ``re_mode``, ``re_count`` are read by
+    :class:`~esam_timm.data.prefetch.DevicePrefetcher`.
     """
 
     def __init__(self, dataset: Union[WdsTrainDataset, WdsValDataset], *, num_batches: int, num_workers: int,
-                 pin_memory: bool, prefetch_factor: Optional[int], persistent_workers: bool, stats: DataStats,
+                 pin_memory: bool, prefetch_factor: Optional[int], persistent_workers: bool,
                  mean: Sequence[float], std: Sequence[float], re_prob: float = 0., re_mode: str = 'const',
                  re_count: int = 1) -> None:
         self.dataset = dataset
         self.num_batches = num_batches
-        self.stats = stats
         self.mean, self.std = tuple(mean), tuple(std)
         self.re_prob, self.re_mode, self.re_count = re_prob, re_mode, re_count
         self._epoch_set = False
         self._iterated = False
+        self._report = DataReport()
         self.loader = DataLoader(
             dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
@@ -588,15 +413,16 @@ class WdsLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    @property
-    def bad_samples(self) -> int:
-        """Samples skipped so far in all workers."""
-        return self.stats.bad_samples
+    def data_report(self) -> DataReport:
+        """This rank's :class:`~esam_timm.data.report.DataReport` of the current epoch, summed over its workers.
 
-    @property
-    def bad_shards(self) -> int:
-        """Shards that failed to open or broke off so far in all workers."""
-        return self.stats.bad_shards
+        Each iteration (epoch) starts an empty report. A training report is complete when the
+        epoch's last batch has been handed out; a validation report when the iteration has ended
+        (a worker may meet bad data after its last batch; ``DevicePrefetcher`` reads one batch
+        ahead, so through it both are complete with the last batch). Returns a copy; merge the
+        ranks' reports with :func:`~esam_timm.data.report.reduce_data_report`.
+        """
+        return self._report.copy()
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch of the next iteration (training); without a call, each iteration advances it."""
@@ -610,7 +436,17 @@ class WdsLoader:
                 self.dataset.set_epoch(self.dataset.epoch + 1)
             self._epoch_set = False
             self._iterated = True
-        return iter(self.loader)
+        self._report = DataReport()
+        return self._batches(iter(self.loader), self._report)
+
+    def _batches(self, items: Iterator[_Item], report: DataReport) -> Iterator[Batch]:
+        """Strip the reports off the workers' items into ``report``; count the good samples."""
+        for images, labels, delta in items:
+            if delta is not None:
+                report.merge(delta)
+            if images is not None and labels is not None:
+                report.samples += len(labels)
+                yield images, labels
 
 
 def _check_loader_args(batch_size: int, num_workers: int, rank: int, world_size: int) -> None:
@@ -654,8 +490,10 @@ def create_train_loader(
 ) -> WdsLoader:
     """Build the training loader: ``len()`` = ``ceil(num_samples / (batch_size * world_size))`` on every rank.
 
+    ``data_report()`` of the returned loader counts the epoch's good and bad samples and broken shards.
+
     Args:
-        source: shards and sample count (:func:`resolve_source`).
+        source: shards and sample count (:func:`~esam_timm.data.sources.resolve_source`).
         batch_size: batch size per rank (batches are always full).
         img_size: output size of timm's training transform.
         num_workers: DataLoader worker processes (0 = decode in the calling process).
@@ -683,16 +521,15 @@ def create_train_loader(
         color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation,
         mean=tuple(mean), std=tuple(std), train_crop_mode=train_crop_mode, use_prefetcher=True)
     num_batches = math.ceil(source.num_samples / (batch_size * world_size))
-    stats = DataStats()
     dataset = WdsTrainDataset(
-        source.urls, batches_per_rank=num_batches, batch_size=batch_size, transform=transform, seed=seed,
+        source, batches_per_rank=num_batches, batch_size=batch_size, transform=transform, seed=seed,
         rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
         shuffle_initial=shuffle_initial if shuffle_initial is not None else max(1, shuffle_buffer // 4),
-        image_keys=_image_keys(image_key), label_key=_check_label_key(label_key), stats=stats)
+        image_keys=_image_keys(image_key), label_key=_check_label_key(label_key))
     _logger.info('train loader %r: %d shards, %d samples, %d batches of %d per rank x %d ranks',
                  source.name, len(source.urls), source.num_samples, num_batches, batch_size, world_size)
     return WdsLoader(dataset, num_batches=num_batches, num_workers=num_workers, pin_memory=pin_memory,
-                     prefetch_factor=prefetch_factor, persistent_workers=persistent_workers, stats=stats,
+                     prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
                      mean=mean, std=std, re_prob=re_prob, re_mode=re_mode, re_count=re_count)
 
 
@@ -718,7 +555,8 @@ def create_val_loader(
     """Build the validation loader: every sample exactly once across ranks x workers, no resampling.
 
     Ranks may get different batch counts (the last batch of each worker can be partial): run no
-    collective per batch; sum the metrics once at the end with :func:`all_reduce_sums`. ``crop_pct``,
+    collective per batch; sum the metrics once at the end with
+    :func:`esam_timm.distributed.all_reduce_sum`. ``data_report()`` counts what the pass lost. ``crop_pct``,
     ``crop_mode``, ``interpolation``, ``mean``, ``std`` go to timm's eval transform; the other
     arguments mean what they mean in :func:`create_train_loader`.
     """
@@ -726,24 +564,10 @@ def create_val_loader(
     transform = create_transform(
         img_size, is_training=False, crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation,
         mean=tuple(mean), std=tuple(std), use_prefetcher=True)
-    stats = DataStats()
     dataset = WdsValDataset(
-        source.urls, batch_size=batch_size, transform=transform, rank=rank, world_size=world_size,
-        image_keys=_image_keys(image_key), label_key=_check_label_key(label_key), stats=stats)
+        source, batch_size=batch_size, transform=transform, rank=rank, world_size=world_size,
+        image_keys=_image_keys(image_key), label_key=_check_label_key(label_key))
     num_batches = _val_batches_per_rank(source, batch_size, rank, world_size, num_workers)
     return WdsLoader(dataset, num_batches=num_batches, num_workers=num_workers, pin_memory=pin_memory,
-                     prefetch_factor=prefetch_factor, persistent_workers=persistent_workers, stats=stats,
+                     prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
                      mean=mean, std=std)
-
-
-def all_reduce_sums(values: Union[torch.Tensor, Sequence[float]],
-                    device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
-    """Sum metric totals such as ``(correct, count, loss_sum)`` over all ranks; a float64 copy is returned.
-
-    Call it once after validation on every rank. Without an initialised process group it returns
-    the local values. With NCCL pass the rank's CUDA ``device``.
-    """
-    tensor = torch.as_tensor(values).detach().to(device=device, dtype=torch.float64).clone()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor

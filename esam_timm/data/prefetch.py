@@ -13,6 +13,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 
+from .report import DataReport
+
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
@@ -21,8 +23,8 @@ class DevicePrefetcher:
 
     Args:
         loader: iterable of ``(uint8 images [B, C, H, W], int64 labels [B])``, e.g. a
-            :class:`~esam_timm.data.wds.WdsLoader`. ``len()``, ``set_epoch``, ``bad_samples`` and
-            ``bad_shards`` are passed through when the loader has them.
+            :class:`~esam_timm.data.wds.WdsLoader`. ``len()``, ``set_epoch`` and ``data_report`` are
+            passed through when the loader has them.
         device: where the batches go.
         mean, std: per-channel normalisation in 0..1 units (timm's convention); default the
             loader's ``mean``/``std`` attributes, else ImageNet's.
@@ -81,15 +83,11 @@ class DevicePrefetcher:
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
-    @property
-    def bad_samples(self) -> int:
-        """Samples the loader skipped so far (0 when the loader does not count them)."""
-        return int(getattr(self.loader, 'bad_samples', 0))
-
-    @property
-    def bad_shards(self) -> int:
-        """Shards the loader could not read so far (0 when the loader does not count them)."""
-        return int(getattr(self.loader, 'bad_shards', 0))
+    def data_report(self) -> Optional[DataReport]:
+        """The loader's bad-data report of the current epoch (see ``WdsLoader.data_report``); None when
+        the loader keeps none. Complete once the prefetcher has handed out the epoch's last batch."""
+        data_report = getattr(self.loader, 'data_report', None)
+        return data_report() if data_report is not None else None
 
     def set_epoch(self, epoch: int) -> None:
         """Forward the epoch to the loader (it reshuffles per epoch)."""

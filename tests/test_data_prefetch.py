@@ -4,7 +4,7 @@ import torch
 from timm.data import Mixup
 
 from data_helpers import write_identity_shards
-from esam_timm.data import DevicePrefetcher, create_train_loader, resolve_source
+from esam_timm.data import DataReport, DevicePrefetcher, create_train_loader, resolve_source
 
 MEAN, STD = (0.25, 0.5, 0.75), (0.5, 0.25, 0.125)
 
@@ -14,7 +14,6 @@ class _ListLoader:
 
     def __init__(self, batches):
         self.batches = batches
-        self.bad_samples = 3
         self.epochs = []
 
     def __iter__(self):
@@ -25,6 +24,9 @@ class _ListLoader:
 
     def set_epoch(self, epoch):
         self.epochs.append(epoch)
+
+    def data_report(self):
+        return DataReport(samples=8, bad_samples=3, bad_samples_by_shard={'a.tar': 3})
 
 
 def _batches(n=2, b=4, size=6):
@@ -51,7 +53,8 @@ def test_normalised_channels_last_equals_hand_computation():
     one = DevicePrefetcher(_ListLoader([(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8), torch.zeros(1))]),
                            'cpu', mean=MEAN, std=STD)
     assert next(iter(one))[0][0, :, 0, 0].tolist() == [1.5, 2.0, 2.0]
-    assert pf.bad_samples == 3 and pf.bad_shards == 0 and pf.data_wait_s >= 0.0
+    assert pf.data_report().bad_samples == 3 and pf.data_report().num_bad_shards == 0 and pf.data_wait_s >= 0.0
+    assert DevicePrefetcher(batches, 'cpu').data_report() is None  # a loader that keeps no report
     pf.set_epoch(4)
     assert loader.epochs == [4]
 
