@@ -4,12 +4,19 @@ Flag names and meanings follow timm's ``train.py`` so that timm users can carry 
 over; ESAM adds ``--rho``, ``--esam-beta``, ``--esam-gamma``, ``--esam-sds`` and ``--esam-bn-mode``.
 
 A ``-c/--config`` YAML file supplies defaults (keys are the argparse destinations, ``batch_size``
-or ``batch-size``); flags given on the command line override it. Unknown keys and invalid values are
-argparse errors (exit code 2) naming the key or flag and what would be valid.
+or ``batch-size``); flags given on the command line override it. A YAML value passes the checks the
+same flag's text would on the command line (type, number of values; booleans only as YAML booleans).
+An ``args.yaml`` written by timm's ``train.py`` loads too: its keys that are flags here keep timm's
+meaning, the timm keys this script does not implement (``_TIMM_IGNORED``) are dropped with one
+warning, and any other key is an error. Unknown keys and invalid values are argparse errors (exit
+code 2) naming the key or flag, the value and what would be valid.
 """
 import argparse
+import difflib
+import logging
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import os
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Set, Tuple
 
 import yaml
 
@@ -25,6 +32,47 @@ _INTERPOLATIONS = ('', 'random', 'bilinear', 'bicubic', 'nearest', 'lanczos', 'b
 _RE_MODES = ('const', 'rand', 'pixel')
 _MIXUP_MODES = ('batch', 'pair', 'elem')
 _LR_BASE_SCALES = ('', 'linear', 'sqrt')
+_DIST_BN_MODES = ('', 'broadcast', 'reduce')
+_CLASS_MAP_EXTS = ('.txt', '.pkl')  # what timm's load_class_map reads
+
+_logger = logging.getLogger(__name__)
+
+# Keys of an args.yaml written by timm's train.py that this script does not implement, with timm's
+# defaults: the current train.py's (huggingface/pytorch-image-models aa4b585, 1.0.29.dev0) and, last
+# four, keys that only older releases wrote (0.5-0.9). A config holding them loads with one warning,
+# which also names those set to something other than timm's default (their effect is lost).
+_TIMM_IGNORED: Dict[str, Any] = {
+    'aug_repeats': 0, 'aug_splits': 0, 'color_jitter_prob': None, 'dataset_trust_remote_code': False,
+    'device_modules': None, 'distill_loss_weight': None, 'drop_connect': None, 'epoch_repeats': 0.0,
+    'fuser': '', 'gaussian_blur_prob': None, 'grayscale_prob': None, 'input_img_mode': None,
+    'input_key': None, 'jsd_loss': False, 'kd_distill_type': 'logit', 'kd_loss_type': 'kl',
+    'kd_model_name': None, 'kd_student_feature_dim': None, 'kd_teacher_feature_dim': None,
+    'kd_temperature': 4.0, 'kd_token_distill_type': 'soft', 'local_rank': 0, 'model_dtype': None,
+    'naflex_loader': False, 'naflex_loss_scale': 'linear', 'naflex_max_seq_len': 576,
+    'naflex_patch_size_probs': None, 'naflex_patch_sizes': None, 'naflex_patchify_channels_first': False,
+    'naflex_train_seq_lens': [128, 256, 576, 784, 1024], 'no_prefetcher': False, 'resplit': False,
+    'save_images': False, 'split_bn': False, 'synchronize_step': False, 'target_key': None,
+    'task_loss_weight': None, 'torchscript': False, 'train_batch_sizes': None,
+    'train_batches_per_epoch': None, 'train_crop_mode': None, 'train_img_sizes': None,
+    'train_size_probs': None, 'train_size_random_mix': 0.1, 'train_size_schedule': 'constant',
+    'train_size_schedule_spread': 0.65, 'tta': 0, 'use_multi_epochs_loader': False,
+    'variable_batch_loss_scale': 'none', 'worker_seeding': 'all',
+    'amp_impl': 'native', 'aot_autograd': False, 'apex_amp': False, 'native_amp': False,
+}
+
+# Flags that do nothing unless another is on: (flag dest, the dest it needs).
+_NEEDS = (
+    ('torchcompile_mode', 'torchcompile'),
+    ('model_ema_decay', 'model_ema'),
+    ('model_ema_warmup', 'model_ema'),
+    ('model_ema_force_cpu', 'model_ema'),
+    ('layer_decay_min_scale', 'layer_decay'),
+    ('layer_decay_no_opt_scale', 'layer_decay'),
+)
+# ESAM/SAM flags and the optimizers that read them: every non-SAM optimizer ignores all five; plain
+# SAM (beta = gamma = 1) ignores the ESAM-only three.
+_SAM_FLAGS = ('rho', 'esam_beta', 'esam_gamma', 'esam_sds', 'esam_bn_mode')
+_ESAM_ONLY_FLAGS = ('esam_beta', 'esam_gamma', 'esam_sds')
 
 
 def _kv_pair(text: str) -> Tuple[str, Any]:
@@ -60,10 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validation split; '' skips validation")
     group.add_argument('--train-num-samples', type=int, default=None, metavar='N',
                        help='override the number of training samples (wds)')
+    group.add_argument('--max-bad-fraction', type=float, default=0.01, metavar='F',
+                       help='stop when more than this share of an epoch\'s samples is unreadable (corrupt images, '
+                            'missing labels, broken shards); every epoch reports the counts (default 0.01)')
     group.add_argument('--val-num-samples', type=int, default=None, metavar='N',
                        help='override the number of validation samples (wds)')
     group.add_argument('--dataset-download', action='store_true', default=False,
                        help='let timm download torch/* datasets')
+    group.add_argument('--class-map', default='', metavar='FILE',
+                       help='class name -> label index map, timm\'s format: .txt (one class name per line, '
+                            'index = line number) or .pkl (a dict); found as given or under --data-dir')
     group.add_argument('--demo', action='store_true', default=False,
                        help='build the built-in demo dataset in <output>/demo-data and train on it')
 
@@ -98,10 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
                        help='micro-batches of --batch-size per update; each does its own ESAM ascent and '
                             'selection, as a DDP rank does (global batch = b x processes x N)')
+    group.add_argument('--grad-checkpointing', action='store_true', default=False,
+                       help='recompute activations in the backward pass through the model\'s blocks '
+                            '(model.set_grad_checkpointing): less memory, more compute')
+    group.add_argument('--fast-norm', action='store_true', default=False,
+                       help='timm\'s fast, lower-precision LayerNorm/GroupNorm (timm.layers.set_fast_norm)')
     group.add_argument('--model-kwargs', nargs='*', default={}, type=_kv_pair, metavar='K=V',
                        help='extra timm.create_model keyword arguments')
+    group.add_argument('--head-init-scale', default=None, type=float, metavar='SCALE',
+                       help='multiply the classifier\'s initial weight and bias by this')
+    group.add_argument('--head-init-bias', default=None, type=float, metavar='BIAS',
+                       help='set the classifier\'s initial bias to this value')
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                        metavar='BACKEND', help='torch.compile the model (default backend inductor)')
+    group.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE',
+                       help='torch.compile mode with --torchcompile: default, reduce-overhead, max-autotune, '
+                            '... (torch._inductor.list_mode_options()); default: torch\'s')
 
     group = parser.add_argument_group('Optimizer')
     group.add_argument('--opt', default='esam', metavar='NAME',
@@ -117,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='clip the final gradient (off by default)')
     group.add_argument('--clip-mode', type=str, default='norm', help="'norm', 'value' or 'agc'")
     group.add_argument('--layer-decay', type=float, default=None, metavar='RATE')
+    group.add_argument('--layer-decay-min-scale', type=float, default=0.0, metavar='SCALE',
+                       help='with --layer-decay: lower bound of a layer\'s lr scale')
+    group.add_argument('--layer-decay-no-opt-scale', type=float, default=None, metavar='SCALE',
+                       help='with --layer-decay: freeze the layers whose lr scale is below this')
     group.add_argument('--opt-kwargs', nargs='*', default={}, type=_kv_pair, metavar='K=V',
                        help='extra optimizer keyword arguments')
     group.add_argument('--rho', type=float, default=0.05, help='ESAM/SAM perturbation radius')
@@ -195,17 +265,27 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--train-interpolation', type=str, default='random')
     group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')
+    group.add_argument('--drop-block', type=float, default=None, metavar='PCT',
+                       help='drop block rate (models that take drop_block_rate, e.g. ResNets)')
     group.add_argument('--bn-momentum', type=float, default=None)
     group.add_argument('--bn-eps', type=float, default=None)
     group.add_argument('--sync-bn', action='store_true', default=False, help='SyncBatchNorm (DDP only)')
+    group.add_argument('--dist-bn', type=str, default='', metavar='MODE',
+                       help="after each epoch make BatchNorm running stats equal across DDP ranks: 'reduce' "
+                            "(average them), 'broadcast' (rank 0's) or '' (leave each rank's; timm's default "
+                            "is 'reduce'); off with --sync-bn")
     group.add_argument('--model-ema', action='store_true', default=False, help='keep an EMA of the weights')
     group.add_argument('--model-ema-decay', type=float, default=0.9998)
     group.add_argument('--model-ema-warmup', action='store_true', default=False)
+    group.add_argument('--model-ema-force-cpu', action='store_true', default=False,
+                       help='keep the EMA weights on the CPU and do not validate them')
 
     group = parser.add_argument_group('Misc')
     group.add_argument('--seed', type=int, default=42)
     group.add_argument('--log-interval', type=int, default=50, metavar='N',
                        help='updates between console/W&B log lines')
+    group.add_argument('--val-interval', type=int, default=1, metavar='N',
+                       help='validate and rank checkpoints every N epochs (and after the last one)')
     group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
                        help='write a recovery checkpoint every N updates (0 = off)')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
@@ -233,29 +313,105 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_VALUE_NAMES = {int: ('an integer', 'integers'), float: ('a number', 'numbers'), str: ('a string', 'strings'),
+                _kv_pair: ("a 'key=value' string", "'key=value' strings")}
+
+
+def _expected(action: argparse.Action) -> str:
+    """The YAML value a flag takes, in words, for error messages."""
+    if action.nargs == 0:
+        return 'true or false (a YAML boolean, unquoted)'
+    one, many = _VALUE_NAMES[action.type or str]
+    if action.type is _kv_pair:
+        return f'a mapping or a list of {many}'
+    if isinstance(action.nargs, int):
+        what = f'a list of {action.nargs} {many}'
+    elif action.nargs == '+':
+        what = f'a list of one or more {many}'
+    elif action.nargs == '*':
+        what = f'a list of {many}'
+    else:
+        what = one
+    if action.default is None:
+        what += ' or null'
+    if action.nargs == '?' and action.const is not None:
+        what += f' (the bare flag means {action.const!r})'
+    return what
+
+
 def _coerce(action: argparse.Action, value: Any, key: str, parser: argparse.ArgumentParser) -> Any:
-    """Give a YAML value the type the flag would have had on the command line."""
-    if value is None or action.type is None or action.type is _kv_pair:
-        return value
-    convert = action.type
+    """Check a YAML value as argparse checks the same flag's command-line text, and convert it.
+
+    A flag without a value (``--amp``) takes only a YAML boolean, so the string ``'false'`` is an error
+    rather than a true value; a flag with several values takes a list of that many; an integer flag
+    refuses 2.5; null only where the flag's default is null (no command line can set None otherwise).
+    """
+    expected = _expected(action)
+
+    def fail(detail: str = '') -> NoReturn:
+        parser.error(f'config key {key!r}: expected {expected}, got {value!r} ({type(value).__name__}){detail}')
 
     def one(item: Any) -> Any:
-        if isinstance(item, bool) and convert in (int, float):
-            parser.error(f'config key {key!r}: expected a number, got {item!r}')
+        convert = action.type or str
+        if convert is _kv_pair:
+            if isinstance(item, tuple):  # an item of a YAML mapping
+                return item
+            if not isinstance(item, str):
+                fail()
+            try:
+                return _kv_pair(item)
+            except argparse.ArgumentTypeError as e:
+                fail(f': {e}')
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)) or (
+                convert is int and isinstance(item, float)):
+            fail()
         try:
             return convert(item)
-        except (TypeError, ValueError):
-            parser.error(f'config key {key!r}: cannot read {item!r} as {convert.__name__}')
+        except ValueError:
+            parser.error(f'config key {key!r}: cannot read {item!r} as {convert.__name__} (expected {expected})')
 
-    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [one(v) for v in value]
-    return one(value)
+    if value is None:
+        if action.default is not None:
+            fail()
+        return None
+    if action.nargs == 0:
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if not (action.nargs in ('+', '*') or isinstance(action.nargs, int)):
+        return one(value)
+    items = list(value.items()) if action.type is _kv_pair and isinstance(value, dict) else value
+    if not isinstance(items, list):
+        fail()
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        fail()
+    if action.nargs == '+' and not items and action.default != []:  # [] only restates an empty default
+        fail()
+    return [one(item) for item in items]
+
+
+def _did_you_mean(dest: str, flags: Sequence[str]) -> str:
+    """A hint naming the keys closest to an unknown one (or sharing its first word), if any."""
+    close = (difflib.get_close_matches(dest, list(flags) + list(_TIMM_IGNORED), n=5)
+             or sorted(d for d in flags if d.split('_')[0] == dest.split('_')[0]))
+    return f' (did you mean one of {close}?)' if close else ''
+
+
+def _warn_ignored_timm_keys(path: str, ignored: Dict[str, Any]) -> None:
+    """One warning listing the timm train.py keys of the config file that this script drops."""
+    changed = [f'{k}={v!r}' for k, v in ignored.items() if v != _TIMM_IGNORED[k]]
+    lost = (f'; set away from timm\'s default, so their effect is lost: {", ".join(changed)}'
+            if changed else '')
+    _logger.warning('config file %r: ignoring %d timm train.py keys this script does not implement: %s%s',
+                    path, len(ignored), ', '.join(sorted(ignored)), lost)
 
 
 def _load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    """Read the config file; return {dest: value}, erroring on unknown keys."""
+    """Read the config file; return {dest: checked value}.
+
+    timm train.py keys this script does not implement are dropped with one warning (so a timm
+    args.yaml loads); any other unknown key is an error (a typo must not pass silently).
+    """
     try:
         with open(path, 'r') as f:
             cfg = yaml.safe_load(f)
@@ -268,17 +424,19 @@ def _load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str,
     if not isinstance(cfg, dict):
         parser.error(f'config file {path!r} must hold a mapping of option names to values')
     actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
-    defaults = {}
+    defaults, ignored = {}, {}
     for key, value in cfg.items():
         dest = str(key).replace('-', '_')
-        if dest not in actions:
-            close = sorted(d for d in actions if d.split('_')[0] == dest.split('_')[0])
-            hint = f' (did you mean one of {close}?)' if close else ''
-            parser.error(f'config file {path!r}: unknown key {key!r}{hint}')
-        action = actions[dest]
-        if action.type is _kv_pair and isinstance(value, dict):
-            value = list(value.items())
-        defaults[dest] = _coerce(action, value, str(key), parser)
+        if dest in actions:
+            defaults[dest] = _coerce(actions[dest], value, str(key), parser)
+        elif dest in _TIMM_IGNORED:
+            ignored[dest] = value
+        else:
+            parser.error(f'config file {path!r}: unknown key {key!r}{_did_you_mean(dest, list(actions))}; '
+                         f'valid keys are the flag names of train_esam.py --help (with _ or -) and timm '
+                         f'train.py\'s')
+    if ignored:
+        _warn_ignored_timm_keys(path, ignored)
     return defaults
 
 
@@ -326,6 +484,8 @@ def validate_args(args: argparse.Namespace) -> None:
     in_range('esam-gamma', args.esam_gamma, 0., 1., lo_open=True)
     choice('esam-sds', args.esam_sds, list_sds_modes())
     choice('esam-bn-mode', args.esam_bn_mode, BN_MODES)
+    in_range('layer-decay-min-scale', args.layer_decay_min_scale, 0., 1.)
+    in_range('layer-decay-no-opt-scale', args.layer_decay_no_opt_scale, 0., 1.)
     positive('lr', args.lr)
     positive('lr-base', args.lr_base)
     positive('lr-base-size', args.lr_base_size)
@@ -343,6 +503,9 @@ def validate_args(args: argparse.Namespace) -> None:
     positive('batch-size', args.batch_size)
     positive('validation-batch-size', args.validation_batch_size)
     positive('grad-accum-steps', args.grad_accum_steps)
+    if args.torchcompile_mode is not None:
+        from torch._inductor import list_mode_options
+        choice('torchcompile-mode', args.torchcompile_mode, list(list_mode_options()))
     positive('clip-grad', args.clip_grad)
     choice('clip-mode', args.clip_mode, CLIP_MODES)
     choice('amp-dtype', args.amp_dtype, _AMP_DTYPES)
@@ -354,7 +517,10 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.input_size is not None:
         _check(all(v > 0 for v in args.input_size), f'--input-size values must be > 0, got {args.input_size}')
     in_range('crop-pct', args.crop_pct, 0., 1., lo_open=True)
+    in_range('max-bad-fraction', args.max_bad_fraction, 0., 1.)
     positive('num-classes', args.num_classes)
+    for name, value in (('head-init-scale', args.head_init_scale), ('head-init-bias', args.head_init_bias)):
+        _check(value is None or math.isfinite(value), f'--{name} must be a finite number, got {value}')
     for name, value in (('mean', args.mean), ('std', args.std)):
         if value is not None:
             _check(len(value) in (1, 3), f'--{name} needs 1 or 3 values, got {len(value)}')
@@ -378,8 +544,11 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(0 <= args.smoothing < 1, f'--smoothing must be in [0, 1), got {args.smoothing}')
     in_range('drop', args.drop, 0., 1.)
     in_range('drop-path', args.drop_path, 0., 1.)
+    in_range('drop-block', args.drop_block, 0., 1.)
+    choice('dist-bn', args.dist_bn, _DIST_BN_MODES)
     in_range('model-ema-decay', args.model_ema_decay, 0., 1.)
     positive('log-interval', args.log_interval)
+    positive('val-interval', args.val_interval)
     positive('recovery-interval', args.recovery_interval, allow_zero=True)
     positive('checkpoint-hist', args.checkpoint_hist)
     positive('workers', args.workers, allow_zero=True)
@@ -392,6 +561,13 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.demo:
         _check(ds.startswith('wds/'), f'--demo trains on WebDataset shards; it needs --dataset wds/..., '
                                       f'got {ds!r}')
+    if args.class_map:
+        _check(os.path.splitext(args.class_map)[1].lower() in _CLASS_MAP_EXTS,
+               f'--class-map {args.class_map!r}: timm reads {" or ".join(_CLASS_MAP_EXTS)} class maps')
+        under_data_dir = bool(args.data_dir) and os.path.isfile(os.path.join(args.data_dir, args.class_map))
+        _check(os.path.isfile(args.class_map) or under_data_dir,
+               f'--class-map {args.class_map!r} is not a file, neither as given nor under --data-dir '
+               f'{args.data_dir!r}')
     if args.wandb_resume_id:
         _check(args.log_wandb, '--wandb-resume-id needs --log-wandb')
 
@@ -405,9 +581,13 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, st
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument('-c', '--config', default='')
     known, remaining = config_parser.parse_known_args(argv)
+    explicit: Set[str] = set()
     if known.config:
-        parser.set_defaults(**_load_yaml_defaults(known.config, parser))
+        file_values = _load_yaml_defaults(known.config, parser)
+        explicit = {dest for dest, value in file_values.items() if value != parser.get_default(dest)}
+        parser.set_defaults(**file_values)
     args = parser.parse_args(remaining)
+    explicit |= _given_on_command_line(remaining)
     args.config = known.config
     if args.data and not args.data_dir:
         args.data_dir = args.data
@@ -417,7 +597,38 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, st
         validate_args(args)
     except ValueError as e:
         parser.error(str(e))
+    _warn_inert_flags(args, explicit)
     return args, args_to_yaml(args)
+
+
+def _given_on_command_line(argv: List[str]) -> Set[str]:
+    """Destinations of the flags argv sets, abbreviations included (argv parsed with no defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _warn_inert_flags(args: argparse.Namespace, explicit: Set[str]) -> None:
+    """Warn about flags set (on the command line, or in the config file away from their default) that
+    this run ignores: ESAM/SAM flags with an optimizer that does not read them, options of a feature
+    that is off. They are likely a mistake, but harmless, so not an error."""
+    def flags(dests: Sequence[str]) -> str:
+        return ', '.join('--' + d.replace('_', '-') for d in dests)
+
+    if not is_sam_family(args.opt):
+        unused = [d for d in _SAM_FLAGS if d in explicit]
+        if unused:
+            _logger.warning('--opt %s is not ESAM/SAM and ignores %s (use --opt esam or sam to apply them)',
+                            args.opt, flags(unused))
+    elif optimizer_kind(args.opt) == 'sam':
+        unused = [d for d in _ESAM_ONLY_FLAGS if d in explicit]
+        if unused:
+            _logger.warning('--opt %s is plain SAM (beta = gamma = 1, no data selection) and ignores %s '
+                            '(use --opt esam to apply them)', args.opt, flags(unused))
+    for dest, needed in _NEEDS:
+        if dest in explicit and not getattr(args, needed):
+            _logger.warning('%s has no effect without %s', flags([dest]), flags([needed]))
 
 
 def args_to_yaml(args: argparse.Namespace) -> str:
