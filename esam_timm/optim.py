@@ -196,14 +196,14 @@ class ESAM(Optimizer):
         host syncs and a non-finite norm yields a zero ascent scale.
 
         Returns 0-dim tensors: ``grad_norm`` (of the ascent gradient), ``perturb_norm`` (||e||, in the
-        ``|w|``-scaled metric when adaptive) and ``perturb_skipped`` (1 when no ascent was made).
+        ``|w|``-scaled metric when adaptive) and ``skipped_ascents`` (1 when no ascent was made).
         """
         self.ascent_taken = True
         all_params = self._params()
         params = [p for p in all_params if p.grad is not None]
         if not params:
             zero = torch.zeros((), device=all_params[0].device)
-            return {'grad_norm': zero, 'perturb_norm': zero, 'perturb_skipped': torch.ones_like(zero)}
+            return {'grad_norm': zero, 'perturb_norm': zero, 'skipped_ascents': torch.ones_like(zero)}
         grads = [p.grad for p in params]
         if self.adaptive:
             torch._foreach_mul_(grads, params)  # |w| g has the norm of w g
@@ -211,7 +211,7 @@ class ESAM(Optimizer):
         finite = torch.isfinite(grad_norm)
         if skip_non_finite and not bool(finite):
             return {'grad_norm': grad_norm, 'perturb_norm': torch.zeros_like(grad_norm),
-                    'perturb_skipped': torch.ones_like(grad_norm)}
+                    'skipped_ascents': torch.ones_like(grad_norm)}
         scale = torch.where(finite, self.rho / self.beta / (grad_norm + ASCENT_EPS), 0.0)
         if self.adaptive:
             torch._foreach_mul_(grads, params)  # e = scale * w^2 g
@@ -220,7 +220,7 @@ class ESAM(Optimizer):
         self._perturbed = params
         torch._foreach_add_(params, grads)
         return {'grad_norm': grad_norm, 'perturb_norm': scale * grad_norm,
-                'perturb_skipped': (~finite).float()}
+                'skipped_ascents': (~finite).float()}
 
     @torch.no_grad()
     def restore(self) -> None:

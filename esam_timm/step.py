@@ -195,7 +195,7 @@ def train_step(
         ``sharpness`` (mean of l_i(w+e) - l_i(w) over the batch; with SDS mode 'first-order' the mean
         of its estimate; absent with 'loss', which measures none), ``num_selected`` and
         ``selected_fraction`` (Python numbers, over the whole batch), ``perturb_norm`` (||e||) and
-        ``ascent_grad_norm`` (means over the micro-batches) and ``perturb_skipped`` (the number of
+        ``ascent_grad_norm`` (means over the micro-batches) and ``skipped_ascents`` (the number of
         ascents a non-finite gradient skipped).
     """
     _check_options(amp_dtype, clip_mode, bn_mode, clip_grad)
@@ -297,7 +297,7 @@ def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer,
         'selected_fraction': k / micro_size,
         'perturb_norm': _mean([r['perturb_norm'] for r in results]),
         'ascent_grad_norm': _mean([r['grad_norm'] for r in results]),
-        'perturb_skipped': _sum([r['perturb_skipped'] for r in results]),
+        'skipped_ascents': _sum([r['skipped_ascents'] for r in results]),
     }
     if signal != 'loss':
         stats['sharpness'] = torch.cat([r['sharpness'] for r in results]).mean()
@@ -375,7 +375,7 @@ def _micro_step(passes: _Passes, plan: _AscentPlan, inputs: torch.Tensor, target
     if signal is None:
         sharpness = selected.detach() - clean
     result = {'clean': clean, 'perturb_norm': ascent['perturb_norm'], 'grad_norm': ascent['grad_norm'],
-              'perturb_skipped': ascent['perturb_skipped']}
+              'skipped_ascents': ascent['skipped_ascents']}
     if signal != 'loss':
         result['sharpness'] = sharpness
     return result

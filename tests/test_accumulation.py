@@ -54,7 +54,7 @@ def test_update_is_the_mean_of_independent_reference_esam_gradients(accum, clip)
     for x, y in data:
         stats = train_step(model, optimizer, x, y, PerSampleCrossEntropy(), accum_steps=accum, clip_grad=clip)
         assert stats['num_selected'] == accum * MICRO // 2 and stats['selected_fraction'] == 0.5
-        assert stats['perturb_skipped'].item() == 0
+        assert stats['skipped_ascents'].item() == 0
         assert stats['perturb_norm'].item() == pytest.approx(RHO / BETA, rel=1e-5)
     generator = torch.Generator().manual_seed(SEED)
     reference = initial_model()
@@ -113,7 +113,7 @@ def test_fp16_overflow_in_any_micro_batch_skips_the_update_bitwise(overflow_call
     x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 5, (8,))
     stats = train_step(model, optimizer, x, y, PerSampleCrossEntropy(), accum_steps=2,
                        amp_dtype=torch.float16, scaler=scaler)
-    assert len(calls) == 4 and stats['perturb_skipped'].item() == 0
+    assert len(calls) == 4 and stats['skipped_ascents'].item() == 0
     assert all(torch.equal(p, w0) for p, w0 in zip(model.parameters(), w))
     assert scaler.get_scale() == 2.0 ** 7  # one unscale, one (skipped) step, one update for the window
     assert not optimizer.state

@@ -1,6 +1,5 @@
 """End-to-end runs of the trainer on tiny demo shards on the CPU: optimizers, bf16, exact resume, W&B
 offline, and a 2-process torchrun."""
-import csv
 import glob
 import json
 import os
@@ -11,36 +10,10 @@ import sys
 import pytest
 import torch
 
-from esam_timm.data import make_demo_dataset
-from esam_timm.train import Trainer, parse_args
+from train_helpers import demo_copy_without_labels, read_summary as _summary, run_trainer as _train, trainer_argv as _argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCHES_PER_EPOCH = 10  # 320 training samples / batch 32
-
-
-@pytest.fixture(scope='module')
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp('demo-data')
-    return str(make_demo_dataset(out, num_classes=10, train_per_class=32, val_per_class=10, image_size=32,
-                                 samples_per_shard=80))
-
-
-def _argv(demo_dir, out_dir, *extra):
-    return ['--data-dir', demo_dir, '--dataset', 'wds/demo', '--model', 'test_resnet', '--img-size', '32',
-            '--crop-pct', '1.0', '-b', '32', '--epochs', '2', '--lr', '0.1', '--weight-decay', '5e-4',
-            '--warmup-epochs', '0', '--smoothing', '0', '--no-aug', '--workers', '0', '--base-opt', 'momentum',
-            '--log-interval', '5', '--no-progress', '--output', str(out_dir), '--experiment', 'run', *extra]
-
-
-def _train(demo_dir, out_dir, *extra, callbacks=()):
-    args, text = parse_args(_argv(demo_dir, out_dir, *extra))
-    trainer = Trainer(args, text, step_callbacks=callbacks)
-    return trainer, trainer.fit()
-
-
-def _summary(run_dir):
-    with open(os.path.join(run_dir, 'summary.csv'), newline='') as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize('opt, selected', [('momentum', None), ('sam', 1.0), ('esam', 0.5)])
@@ -58,7 +31,7 @@ def test_end_to_end_learns(demo_dir, tmp_path, opt, selected):
         assert float(rows[0]['train_selected_share']) == selected
         beta = 0.6 if opt == 'esam' else 1.0
         assert float(rows[0]['train_perturb_norm']) == pytest.approx(0.05 / beta, rel=1e-4)
-        assert float(rows[0]['train_skipped_steps']) == 0
+        assert float(rows[0]['train_skipped_ascents']) == 0
     names = sorted(os.listdir(run_dir))
     assert {'args.yaml', 'last.pth.tar', 'model_best.pth.tar', 'summary.csv'} <= set(names)
     assert [n for n in names if n.startswith('checkpoint-')]
@@ -99,7 +72,7 @@ def test_bf16_autocast_run(demo_dir, tmp_path):
                               '--amp-dtype', 'bfloat16')
     assert trainer.amp_dtype == torch.bfloat16 and trainer.scaler is None
     assert torch.isfinite(torch.tensor(metrics['train_loss'])) and metrics['train_loss'] > 0
-    assert metrics['train_selected_share'] == 0.5 and metrics['train_skipped_steps'] == 0
+    assert metrics['train_selected_share'] == 0.5 and metrics['train_skipped_ascents'] == 0
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert 0.0 <= metrics['eval_top1'] <= 100.0
 
@@ -150,7 +123,12 @@ def test_killed_and_resumed_equals_uninterrupted(demo_dir, tmp_path, kill_at, re
         assert torch.equal(state['momentum_buffer'], b['optimizer']['state'][pid]['momentum_buffer'])
     assert torch.equal(a['optimizer']['esam']['generator_state'], b['optimizer']['esam']['generator_state'])
     assert resumed['eval_top1'] == full['eval_top1'] and resumed['ema_eval_top1'] == full['ema_eval_top1']
-    assert [r['epoch'] for r in _summary(killed_dir)] == ['0', '1']
+    full_rows, resumed_rows = _summary(tmp_path / 'full' / 'run'), _summary(killed_dir)
+    assert [r['epoch'] for r in resumed_rows] == ['0', '1']
+    for a_row, b_row in zip(full_rows, resumed_rows):  # the resumed epoch's row covers the whole epoch
+        for key in ('train_loss', 'train_sharpness', 'train_grad_norm', 'train_selected_share'):
+            assert a_row[key] == b_row[key], key
+    assert not list(killed_dir.glob('recovery-*')), 'the recovery checkpoint resumed from was not removed'
 
 
 def _wandb_history(run_file):
@@ -199,11 +177,13 @@ def test_wandb_offline_run_holds_esam_metrics(demo_dir, tmp_path, monkeypatch):
     for row in train_rows:
         assert row['train/selected_share'] == 0.5
         assert row['train/perturb_norm'] == pytest.approx(0.05 / 0.6, rel=1e-4)
-        assert row['train/skipped_steps'] == 0
+        assert row['train/skipped_ascents'] == 0
         for key in ('train/sharpness', 'train/grad_norm', 'train/lr', 'train/samples_per_sec',
                     'train/data_time'):
             assert key in row
-    assert 'eval/top1' in rows[-1] and 'eval/loss' in rows[-1]
+    epoch_row = rows[-1]  # the epoch's summary.csv row under timm's keys
+    for key in ('eval_top1', 'eval_loss', 'train_loss', 'train_sharpness', 'train_skipped_ascents', 'lr', 'epoch'):
+        assert key in epoch_row, key
 
 
 def test_wandb_failure_is_a_warning(monkeypatch):
@@ -265,3 +245,38 @@ def test_image_folder_dataset(tmp_path):
     assert trainer.num_classes == 2 and trainer.num_updates == 4
     assert metrics['train_selected_share'] == 0.5
     assert float(_summary(tmp_path / 'out' / 'run')[0]['epoch']) == 0
+
+
+def test_unreadable_data_is_counted_in_the_summary(demo_dir, tmp_path):
+    data = demo_copy_without_labels(demo_dir, tmp_path / 'data')
+    _, metrics = _train(data, tmp_path, '--opt', 'esam', '--epochs', '1', '--max-bad-fraction', '0.5')
+    row = _summary(tmp_path / 'run')[0]
+    # one shard of four has no labels: its samples are counted (as reads: the stream resamples shards)
+    assert 0.05 < float(row['train_bad_fraction']) < 0.5
+    assert float(row['train_bad_samples']) > 0 and float(row['eval_bad_samples']) == 0
+    assert float(row['train_samples_read']) + float(row['train_bad_samples']) >= 320
+
+
+@pytest.mark.slow
+def test_a_label_less_shard_on_two_ranks_stops_the_run(demo_dir, tmp_path):
+    data = demo_copy_without_labels(demo_dir, tmp_path / 'data')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           os.path.join(REPO, 'train_esam.py'), *_argv(data, tmp_path / 'out', '--opt', 'esam', '--epochs', '1',
+                                                      '-b', '16')]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(tmp_path))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('train_esam.py: error:')]
+    assert len(errors) == 2  # each rank stops with the same one line (torchrun then reports the failed children)
+    assert all('more than --max-bad-fraction 0.01' in e and 'demo-train-0001.tar' in e for e in errors)
+    assert not (tmp_path / 'out' / 'run' / 'last.pth.tar').exists()
+
+
+def test_val_interval_and_an_ema_kept_on_the_cpu(demo_dir, tmp_path):
+    _, metrics = _train(demo_dir, tmp_path, '--opt', 'momentum', '--epochs', '3', '--val-interval', '2',
+                        '--model-ema', '--model-ema-force-cpu')
+    rows = _summary(tmp_path / 'run')
+    assert [r['eval_top1'] != '' for r in rows] == [False, True, True]  # after epoch 1 and the last
+    assert all('ema_eval_top1' not in r or r['ema_eval_top1'] == '' for r in rows)
+    ckpt = torch.load(tmp_path / 'run' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert 'state_dict_ema' in ckpt

@@ -1,7 +1,10 @@
-"""Console lines, summary.csv and optional Weights & Biases logging for the trainer.
+"""What the trainer reports: console lines, the progress bar, summary.csv and optional W&B.
 
 Step statistics stay on the device between log intervals (no host sync per step); they are read once
-per interval. W&B is optional and never fatal: a missing package or a failing init/log is a warning.
+per interval. Console lines follow timm's train.py: each value for the interval, then the epoch's
+running average in parentheses. summary.csv and the epoch-level W&B log share timm's flat keys
+(``train_loss``, ``eval_top1``, ...). W&B is optional and never fatal: a missing package or a failing
+init/log is a warning.
 """
 import csv
 import io
@@ -15,6 +18,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 
+from esam_timm.distributed import all_reduce_sum
+from esam_timm.fileio import atomic_write_text
+
 __all__ = ['setup_logging', 'StepMeter', 'format_train_line', 'write_summary', 'WandbLogger', 'ProgressBar']
 
 _logger = logging.getLogger(__name__)
@@ -25,18 +31,37 @@ def setup_logging(rank: Optional[int] = None, level: int = logging.INFO) -> None
     if rank is None:
         rank = int(os.environ.get('RANK', '0'))
     root = logging.getLogger()
-    if not any(getattr(h, '_esam_timm', False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _ProgressSafeHandler) for h in root.handlers):
+        handler = _ProgressSafeHandler(sys.stderr)
         handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s', '%H:%M:%S'))
-        handler._esam_timm = True
         root.addHandler(handler)
     root.setLevel(level if rank == 0 else logging.WARNING)
 
 
-class StepMeter:
-    """Accumulates train_step statistics over one log interval without reading them to the host."""
+class _ProgressSafeHandler(logging.StreamHandler):
+    """Writes log lines through ``tqdm.write`` while a progress bar is on screen, so a line never lands
+    in the middle of the bar (tqdm clears the bar, prints the line, redraws the bar)."""
 
-    _SUMMED = ('loss', 'grad_norm', 'sharpness', 'perturb_norm', 'perturb_skipped')
+    def emit(self, record: logging.LogRecord) -> None:
+        if not ProgressBar.active:
+            super().emit(record)
+            return
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # a log line must never take training down
+            self.handleError(record)
+
+
+class StepMeter:
+    """Accumulates train_step statistics over a span of updates without reading them to the host.
+
+    The trainer keeps two: one per log interval and one per epoch (the running average). The epoch
+    meter's :meth:`state_dict` goes into recovery checkpoints, so a resumed epoch's summary row covers
+    the whole epoch.
+    """
+
+    _SUMMED = ('loss', 'grad_norm', 'sharpness', 'perturb_norm', 'skipped_ascents')
 
     def __init__(self) -> None:
         self.reset()
@@ -48,10 +73,11 @@ class StepMeter:
         self.samples = 0
         self.steps = 0
         self.data_time = 0.0
+        self.elapsed_before = 0.0  # time spent in this span before a resume
         self.start = time.perf_counter()
 
     def update(self, stats: Mapping[str, Any], batch_size: int, data_time: float) -> None:
-        """Add one step's statistics (tensors stay where they are)."""
+        """Add one update's statistics (tensors stay where they are)."""
         for key in self._SUMMED:
             value = stats.get(key)
             if value is None:
@@ -65,26 +91,45 @@ class StepMeter:
         self.data_time += data_time
 
     def read(self, world_size: int = 1) -> Dict[str, float]:
-        """Interval averages as floats (one host sync); loss is averaged over ranks when distributed.
+        """Averages over the span as floats (one host sync; one collective when distributed).
 
-        ``perturb_skipped`` is the count of skipped ascents summed over all ranks; samples/s is global.
+        ``loss`` is averaged over ranks, ``skipped_ascents`` is the count summed over ranks, the other
+        statistics are this rank's; samples/s is global.
         """
         out: Dict[str, float] = {}
-        for key, total in self._sums.items():
-            if key in ('loss', 'perturb_skipped') and world_size > 1 and torch.distributed.is_initialized():
-                total = total.clone()
-                torch.distributed.all_reduce(total)
-                if key == 'loss':
-                    total = total / world_size
-            value = total.item()
-            out[key] = value if key == 'perturb_skipped' else value / self._counts[key]
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        keys = list(self._sums)
+        if keys:
+            totals = torch.stack([self._sums[k].to(torch.float64) for k in keys])
+            reduced = all_reduce_sum(totals) if world_size > 1 else totals
+            for key, local, total in zip(keys, totals.tolist(), reduced.tolist()):
+                if key == 'skipped_ascents':
+                    out[key] = total
+                elif key == 'loss':
+                    out[key] = total / world_size / self._counts[key]
+                else:
+                    out[key] = local / self._counts[key]
+        elapsed = max(self.elapsed_before + time.perf_counter() - self.start, 1e-9)
         steps = max(self.steps, 1)
         out['selected_share'] = self.selected / steps
         out['samples_per_sec'] = self.samples * world_size / elapsed
         out['data_time'] = self.data_time / steps
         out['step_time'] = elapsed / steps
         return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The span so far, for a recovery checkpoint (sums as CPU tensors, bitwise)."""
+        return {'sums': {k: v.detach().cpu() for k, v in self._sums.items()}, 'counts': dict(self._counts),
+                'selected': self.selected, 'samples': self.samples, 'steps': self.steps,
+                'data_time': self.data_time,
+                'elapsed': self.elapsed_before + time.perf_counter() - self.start}
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        """Continue a span saved by :meth:`state_dict` (e.g. the epoch a run resumes in)."""
+        self.reset()
+        self._sums = {k: v.to(device) for k, v in state['sums'].items()}
+        self._counts = dict(state['counts'])
+        self.selected, self.samples, self.steps = state['selected'], state['samples'], state['steps']
+        self.data_time, self.elapsed_before = state['data_time'], state['elapsed']
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -93,33 +138,33 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return format(value, spec)
 
 
-def format_train_line(epoch: int, batch: int, num_batches: int, metrics: Mapping[str, float],
-                      lr: float, skipped_total: int) -> str:
-    """One console line: position, loss, lr, global samples/s, data time and the ESAM statistics."""
+def format_train_line(epoch: int, batch: int, num_batches: int, interval: Mapping[str, float],
+                      running: Mapping[str, float], lr: float) -> str:
+    """One console line in timm's style: each value over the last interval (the epoch's running average).
+
+    Position, loss, global samples/s, lr, data time and, for SAM/ESAM, sharpness, the selected share
+    and the epoch's skipped ascents so far (summed over ranks).
+    """
+    def pair(key: str, spec: str, scale: float = 1.0) -> str:
+        now, avg = interval.get(key), running.get(key)
+        return (f'{_fmt(None if now is None else now * scale, spec)} '
+                f'({_fmt(None if avg is None else avg * scale, spec)})')
+
     pct = 100.0 * batch / max(num_batches, 1)
     parts = [
         f'Train: {epoch} [{batch:>5d}/{num_batches} ({pct:3.0f}%)]',
-        f'loss {_fmt(metrics.get("loss"), ".4f")}',
-        f'lr {lr:.3e}',
-        f'{metrics["samples_per_sec"]:.1f} samples/s',
-        f'data {metrics["data_time"] * 1000:.1f} ms/step',
+        f'Loss: {pair("loss", ".4f")}',
+        f'{interval["samples_per_sec"]:.1f}/s ({running["samples_per_sec"]:.1f}/s)',
+        f'LR: {lr:.3e}',
+        f'Data: {pair("data_time", ".1f", 1000.0)} ms',
     ]
-    if 'sharpness' in metrics or 'perturb_norm' in metrics:
+    if 'sharpness' in running or 'perturb_norm' in running:
         parts += [
-            f'sharpness {_fmt(metrics.get("sharpness"), ".4f")}',
-            f'selected {metrics["selected_share"]:.2f}',
-            f'skipped {skipped_total}',
+            f'Sharpness: {pair("sharpness", ".4f")}',
+            f'Selected: {interval["selected_share"]:.2f}',
+            f'Skipped ascents: {int(running.get("skipped_ascents", 0))}',
         ]
     return '  '.join(parts)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w', newline='') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_summary(path: str, row: Mapping[str, Any]) -> None:
@@ -139,7 +184,7 @@ def write_summary(path: str, row: Mapping[str, Any]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, restval='')
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
 
 
 class WandbLogger:
@@ -193,8 +238,11 @@ class WandbLogger:
 class ProgressBar:
     """A tqdm progress bar over an epoch's batches when a person watches (stderr is a terminal).
 
-    Elsewhere (logs, CI) it does nothing; the per-interval log lines show progress there.
+    Elsewhere (logs, CI) it does nothing; the per-interval log lines show progress there. While one is
+    shown, :func:`setup_logging`'s handler prints log lines above it instead of through it.
     """
+
+    active = 0  # bars on screen now
 
     def __init__(self, total: int, desc: str, enabled: bool) -> None:
         self._bar = None
@@ -202,6 +250,7 @@ class ProgressBar:
             try:
                 from tqdm import tqdm
                 self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+                ProgressBar.active += 1
             except ImportError:
                 self._bar = None
 
@@ -212,3 +261,5 @@ class ProgressBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+            ProgressBar.active -= 1

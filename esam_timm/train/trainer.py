@@ -2,25 +2,26 @@
 
 :class:`Trainer` wires the parts together: a timm model, an optimizer from timm's factory (``esam``,
 ``sam`` or any timm optimizer), :func:`esam_timm.train_step` for each update, a timm scheduler, an
-optional EMA, the WebDataset loaders of :mod:`esam_timm.data` (or timm's folder datasets), and the
-output folder (``args.yaml``, ``summary.csv``, ``last.pth.tar``, best-k checkpoints, recovery
-checkpoints).
+optional EMA, the loaders of :mod:`esam_timm.train.loaders`, and the run folder of
+:mod:`esam_timm.train.checkpoint`. Setup builds everything that can fail on bad input (data, model,
+optimizer, the resume checkpoint) before it creates the run folder, and reports such failures as one
+:class:`SetupError`.
 
 Reproducible resume: every batch runs under seeds derived from (seed, rank, epoch, batch), so the
 random state of augmentation, mixup and dropout does not depend on what ran before. A run resumed
 from a checkpoint replays the remaining batches exactly (on the CPU, bitwise): the checkpoint holds
-model, optimizer (base optimizer + ESAM's SWP generator), GradScaler, EMA, scheduler and the position
-(epoch, batch); the data loader is re-opened at that epoch and fast-forwarded to the batch.
+model, optimizer (base optimizer + ESAM's SWP generator), GradScaler, EMA, scheduler, the position
+(epoch, batch) and the epoch's statistics so far; the data loader is re-opened at that epoch and
+fast-forwarded to the batch.
 """
 import argparse
 import inspect
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -32,18 +33,28 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from esam_timm import create_per_sample_loss, find_sam, train_step
+from esam_timm.distributed import all_reduce_sum
 from esam_timm.head import classifier_tap
 from esam_timm.registry import is_sam_family, optimizer_kind
 
+from .checkpoint import CheckpointManager, RunFolder, RunFolderBusy, claim_run_folder
 from .config import args_to_yaml
-from .logging import StepMeter, ProgressBar, WandbLogger, format_train_line, write_summary
+from .loaders import build_loaders, resolve_data
+from .reporting import ProgressBar, StepMeter, WandbLogger, format_train_line, write_summary
 
-__all__ = ['Trainer', 'train', 'CHECKPOINT_VERSION', 'resolve_lr']
+__all__ = ['Trainer', 'train', 'CHECKPOINT_VERSION', 'SetupError', 'resolve_lr']
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 StepCallback = Callable[['Trainer', int, int], None]
+
+
+class SetupError(ValueError):
+    """A run that cannot start (missing or mismatched data, paths, checkpoint, busy run folder).
+
+    ``train_esam.py`` prints its message as one line and exits with code 2, as for a bad flag.
+    """
 
 
 def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
@@ -60,91 +71,6 @@ def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
     return args.lr_base * ratio
 
 
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_link(src: str, dst: str) -> None:
-    """Make ``dst`` a copy of ``src`` (hard link when possible), atomically."""
-    tmp = f'{dst}.tmp'
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-class CheckpointManager:
-    """``last.pth.tar`` every epoch, the best ``max_history`` epochs as ``checkpoint-<epoch>.pth.tar``
-    plus ``model_best.pth.tar``, and the latest ``recovery-<epoch>-<batch>.pth.tar``."""
-
-    def __init__(self, output_dir: str, max_history: int, decreasing: bool) -> None:
-        self.output_dir = output_dir
-        self.max_history = max_history
-        self.decreasing = decreasing
-        self.history: List[Tuple[float, int]] = []
-        self.last_recovery: Optional[str] = None
-
-    def _path(self, name: str) -> str:
-        return os.path.join(self.output_dir, name)
-
-    def _better(self, a: float, b: float) -> bool:
-        return a < b if self.decreasing else a > b
-
-    @property
-    def best(self) -> Optional[Tuple[float, int]]:
-        return self.history[0] if self.history else None
-
-    def save_epoch(self, state: Dict[str, Any], epoch: int, metric: Optional[float]) -> None:
-        """Write last.pth.tar and, if ``metric`` ranks among the best, a kept checkpoint for ``epoch``."""
-        keep = metric is not None and math.isfinite(metric) and (
-            len(self.history) < self.max_history or self._better(metric, self.history[-1][0]))
-        history = list(self.history)
-        if keep:
-            history = [h for h in history if h[1] != epoch] + [(metric, epoch)]
-            history.sort(key=lambda h: h[0], reverse=not self.decreasing)
-        dropped, history = history[self.max_history:], history[:self.max_history]
-        state['checkpoint_history'] = [list(h) for h in history]
-        last = self._path('last.pth.tar')
-        _atomic_torch_save(state, last)
-        self.history = history
-        if keep:
-            _atomic_link(last, self._path(f'checkpoint-{epoch}.pth.tar'))
-            if self.history[0][1] == epoch:
-                _atomic_link(last, self._path('model_best.pth.tar'))
-        for _, old_epoch in dropped:
-            if old_epoch != epoch:
-                _remove_if_exists(self._path(f'checkpoint-{old_epoch}.pth.tar'))
-        self.remove_recovery()
-
-    def save_recovery(self, state: Dict[str, Any], epoch: int, batches_done: int) -> str:
-        """Write a mid-epoch recovery checkpoint; the previous one is removed once this one exists."""
-        state['checkpoint_history'] = [list(h) for h in self.history]
-        path = self._path(f'recovery-{epoch}-{batches_done}.pth.tar')
-        _atomic_torch_save(state, path)
-        previous, self.last_recovery = self.last_recovery, path
-        if previous and previous != path:
-            _remove_if_exists(previous)
-        return path
-
-    def remove_recovery(self) -> None:
-        if self.last_recovery:
-            _remove_if_exists(self.last_recovery)
-            self.last_recovery = None
-
-
-def _remove_if_exists(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def _step_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
     """A seed for one (rank, epoch, batch): independent of anything that ran before."""
     value = seed
@@ -159,30 +85,53 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _TimmFolderLoader:
-    """timm's ``create_loader`` output with the interface of the WebDataset loaders
-    (``len``, ``set_epoch``, device batches); mixup is applied here since timm's prefetcher has none."""
+@dataclass
+class Runtime:
+    """Where this process runs: device, rank and world size, AMP dtype."""
+    device: torch.device
+    rank: int
+    world_size: int
+    amp_dtype: Optional[torch.dtype]
 
-    def __init__(self, loader: Any, mixup_fn: Optional[Callable], channels_last: bool) -> None:
-        self.loader = loader
-        self.mixup_fn = mixup_fn
-        self.channels_last = channels_last
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
-    def __len__(self) -> int:
-        return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        sampler = getattr(self.loader, 'sampler', None)
-        if hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(epoch)
+def setup_runtime(args: argparse.Namespace) -> Runtime:
+    """Pick the device and join torchrun's process group (NCCL on GPUs, gloo on CPUs)."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    device = torch.device(args.device) if args.device else torch.device(
+        'cuda' if torch.cuda.is_available() else 'cpu')
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', local_rank if world_size > 1 else 0)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    rank = 0
+    if world_size > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+        rank = dist.get_rank()
+        _logger.info('Process %d of %d on %s (%s)', rank, world_size, device, dist.get_backend())
+    if args.sync_bn and world_size > 1 and device.type != 'cuda':
+        raise ValueError('--sync-bn needs CUDA devices (torch SyncBatchNorm has no CPU kernel); '
+                         'drop --sync-bn on the CPU')
+    amp_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.amp_dtype] if args.amp else None
+    return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype)
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for inputs, targets in self.loader:
-            if self.mixup_fn is not None:
-                inputs, targets = self.mixup_fn(inputs, targets)
-            if self.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            yield inputs, targets
+
+def _state_dict_mismatch(model: nn.Module, state: Dict[str, torch.Tensor]) -> str:
+    """One line on why ``state`` does not load into ``model``: missing/unexpected keys, shape mismatches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f'{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}'
+              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f'{len(missing)} missing keys (e.g. {missing[0]})' if missing else '',
+             f'{len(unexpected)} unexpected keys (e.g. {unexpected[0]})' if unexpected else '',
+             f'{len(shapes)} shape mismatches (e.g. {shapes[0]})' if shapes else '']
+    return ', '.join(p for p in parts if p)
 
 
 class Trainer:
@@ -201,124 +150,70 @@ class Trainer:
         self.start_epoch = 0
         self.start_batch = 0
         self.num_updates = 0
-        self.skipped_total = 0
         self.output_dir: Optional[str] = None
+        self.run_folder: Optional[RunFolder] = None
         self.checkpoints: Optional[CheckpointManager] = None
         self.wandb: Optional[WandbLogger] = None
         self.final_metrics: Dict[str, float] = {}
+        self._resumed_meter: Optional[Dict[str, Any]] = None
 
     # ----------------------------------------------------------------------------------- setup
     @property
     def is_primary(self) -> bool:
-        return self.rank == 0
+        return self.runtime.rank == 0
 
     def setup(self) -> None:
-        """Build device/distributed, output folder, data, model, optimizer, scheduler; resume."""
+        """Build runtime, data, model, loaders, optimizer and scheduler, load ``--resume``, then (only
+        once all of that worked) claim the run folder. Bad input raises :class:`SetupError`."""
+        try:
+            self._setup()
+        except SetupError:
+            raise
+        except (ValueError, OSError, KeyError, RunFolderBusy) as e:
+            raise SetupError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from e
+
+    def _setup(self) -> None:
         args = self.args
-        self._setup_distributed()
-        self._setup_output()
+        self.runtime = setup_runtime(args)
+        self.device, self.rank, self.world_size = self.runtime.device, self.runtime.rank, self.runtime.world_size
+        self.distributed, self.amp_dtype = self.runtime.distributed, self.runtime.amp_dtype
         torch.manual_seed(args.seed)
-        self._setup_data_sources()
-        self._setup_model()
-        self._setup_loaders()
-        self._setup_optimizer()
-        if args.resume:
-            self._resume(args.resume)
+        self.sources = resolve_data(args, self.is_primary, self._barrier)
+        self.num_classes = self.sources.num_classes
+        self.model, self.data_config, self.model_ema = self._build_model()
+        self.loaders = build_loaders(args, self.sources, self.data_config, rank=self.rank,
+                                     world_size=self.world_size, device=self.device)
+        self.train_loader, self.train_raw, self.val_loader = self.loaders.train, self.loaders.train_raw, self.loaders.val
+        self.mixup_fn = self.loaders.mixup_fn
+        self.batches_per_epoch = self.loaders.batches_per_epoch
+        self.updates_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum_steps)
+        self.lr = resolve_lr(args, self.world_size)
+        self.optimizer = self._build_optimizer()
+        self.sam = find_sam(self.optimizer)
+        self.loss_fn = create_per_sample_loss(
+            smoothing=args.smoothing, mixup_active=self.mixup_fn is not None, bce_loss=args.bce_loss,
+            bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, bce_pos_weight=args.bce_pos_weight)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.scheduler, self.num_epochs = self._build_scheduler()
+        history = self._resume(args.resume) if args.resume else []
         if args.start_epoch is not None:
             self.start_epoch, self.start_batch = args.start_epoch, 0
         if self.scheduler is not None and self.start_epoch > 0 and self.start_batch == 0:
             self.scheduler.step(self.start_epoch)
-        self._wrap_model()
+        self.train_model, self.eval_model = self._wrap_model()
+        self._claim_output(history)
         if self.is_primary:
+            self._log_setup()
             config = dict(vars(args), lr_resolved=self.lr, world_size=self.world_size)
             self.wandb = WandbLogger(args.log_wandb, project=args.wandb_project, tags=args.wandb_tags,
                                      config=config, output_dir=self.output_dir,
                                      resume_id=args.wandb_resume_id, name=os.path.basename(self.output_dir))
 
-    def _setup_distributed(self) -> None:
-        args = self.args
-        self.world_size = int(os.environ.get('WORLD_SIZE', '1'))
-        self.local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-        if args.device:
-            device = torch.device(args.device)
-        else:
-            device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-        if device.type == 'cuda' and device.index is None:
-            device = torch.device('cuda', self.local_rank if self.world_size > 1 else 0)
-        if device.type == 'cuda':
-            torch.cuda.set_device(device)
-        self.device = device
-        self.distributed = self.world_size > 1
-        if self.distributed:
-            if not dist.is_initialized():
-                dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
-            self.rank = dist.get_rank()
-            _logger.info('Process %d of %d on %s (%s)', self.rank, self.world_size, device,
-                         dist.get_backend())
-        else:
-            self.rank = 0
-        if args.sync_bn and self.distributed and device.type != 'cuda':
-            raise ValueError('--sync-bn needs CUDA devices (torch SyncBatchNorm has no CPU kernel); '
-                             'drop --sync-bn on the CPU')
-        self.amp_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.amp_dtype] \
-            if args.amp else None
-
-    def _setup_output(self) -> None:
-        args = self.args
-        root = args.output or os.path.join('.', 'output', 'train')
-        name = args.experiment or '-'.join([
-            datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
-            str(args.input_size[-1] if args.input_size else (args.img_size or 'default'))])
-        self.output_dir = os.path.join(root, name)
-        if self.is_primary:
-            os.makedirs(self.output_dir, exist_ok=True)
-            with open(os.path.join(self.output_dir, 'args.yaml.tmp'), 'w') as f:
-                f.write(self.args_text)
-            os.replace(os.path.join(self.output_dir, 'args.yaml.tmp'), os.path.join(self.output_dir, 'args.yaml'))
-        self.checkpoints = CheckpointManager(self.output_dir, args.checkpoint_hist,
-                                             decreasing=args.eval_metric == 'loss')
-
     def _barrier(self) -> None:
         if self.distributed:
             dist.barrier()
 
-    def _setup_data_sources(self) -> None:
-        """Resolve the train/validation data (building the demo shards if asked) and the class count."""
-        args = self.args
-        self.is_wds = args.dataset.startswith('wds/')
-        data_dir = args.data_dir
-        if args.demo:
-            from esam_timm.data import make_demo_dataset
-            data_dir = data_dir or os.path.join(args.output or os.path.join('.', 'output', 'train'), 'demo-data')
-            if self.is_primary and not os.path.isfile(os.path.join(data_dir, '_info.json')):
-                _logger.info('Building the demo dataset in %s', data_dir)
-                make_demo_dataset(data_dir)
-            self._barrier()
-        self.data_dir = data_dir
-        self.num_classes = args.num_classes
-        if self.is_wds:
-            from esam_timm.data import resolve_source
-            self.train_source = resolve_source(data_dir, args.train_split, args.train_num_samples)
-            self.val_source = resolve_source(data_dir, args.val_split, args.val_num_samples) \
-                if args.val_split else None
-            if self.num_classes is None:
-                self.num_classes = _num_classes_from_info(data_dir)
-        else:
-            from timm.data import create_dataset
-            self.train_source = create_dataset(
-                args.dataset, root=data_dir, split=args.train_split, is_training=True,
-                download=args.dataset_download, batch_size=args.batch_size, seed=args.seed)
-            self.val_source = create_dataset(
-                args.dataset, root=data_dir, split=args.val_split, is_training=False,
-                download=args.dataset_download, batch_size=args.batch_size) if args.val_split else None
-            if self.num_classes is None:
-                reader = getattr(self.train_source, 'reader', None)
-                classes = getattr(reader, 'class_to_idx', None) or getattr(self.train_source, 'classes', None)
-                self.num_classes = len(classes) if classes else None
-        if self.num_classes is None:
-            raise ValueError(f'cannot tell the number of classes of {data_dir!r}: pass --num-classes')
-
-    def _setup_model(self) -> None:
+    def _build_model(self) -> Tuple[nn.Module, Dict[str, Any], Optional[nn.Module]]:
         import timm
         from timm.data import resolve_data_config
         args = self.args
@@ -327,107 +222,62 @@ class Trainer:
             if not os.path.isfile(args.pretrained_path):
                 raise FileNotFoundError(f'--pretrained-path {args.pretrained_path!r} is not a file')
             kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
+        if args.drop_block is not None:
+            kwargs['drop_block_rate'] = args.drop_block
+        if args.fast_norm:
+            from timm.layers import set_fast_norm
+            set_fast_norm()
         in_chans = args.input_size[0] if args.input_size else args.in_chans
         model = timm.create_model(
             args.model, pretrained=args.pretrained, num_classes=self.num_classes, in_chans=in_chans,
             drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
             bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, **kwargs)
+        if args.head_init_scale is not None or args.head_init_bias is not None:
+            self._init_head(model)
         if args.initial_checkpoint:
             from timm.models import load_checkpoint
             load_checkpoint(model, args.initial_checkpoint)
-        self.data_config = resolve_data_config(vars(args), model=model, verbose=self.is_primary)
+        if args.grad_checkpointing:
+            try:
+                model.set_grad_checkpointing(True)
+            except (AssertionError, NotImplementedError, AttributeError) as e:
+                raise ValueError(f'--grad-checkpointing: {args.model} does not support gradient checkpointing '
+                                 f'({type(e).__name__}: {e})') from e
+        data_config = resolve_data_config(vars(args), model=model, verbose=self.is_primary)
         if args.sync_bn and self.distributed:
             from timm.layers import convert_sync_batchnorm
             model = convert_sync_batchnorm(model)
         model.to(self.device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.model_ema = None
+        model_ema = None
         if args.model_ema:
             from timm.utils import ModelEmaV3
-            self.model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+            model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                                   device='cpu' if args.model_ema_force_cpu else None)
         if self.is_primary:
             n_params = sum(p.numel() for p in model.parameters())
             _logger.info('Model %s: %.2fM parameters, %d classes, input %s', args.model, n_params / 1e6,
-                         self.num_classes, self.data_config['input_size'])
+                         self.num_classes, data_config['input_size'])
+        return model, data_config, model_ema
 
-    def _mixup(self) -> Optional[Callable]:
-        args = self.args
-        self.mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-        if not self.mixup_active:
-            return None
-        from timm.data import Mixup
-        return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                     label_smoothing=args.smoothing, num_classes=self.num_classes)
+    def _init_head(self, model: nn.Module) -> None:
+        """timm's --head-init-scale / --head-init-bias on the classifier."""
+        head = model.get_classifier()
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f'--head-init-scale/--head-init-bias need a linear classifier; {self.args.model}\'s '
+                             f'is {type(head).__name__}')
+        with torch.no_grad():
+            if self.args.head_init_scale is not None:
+                head.weight.mul_(self.args.head_init_scale)
+                if head.bias is not None:
+                    head.bias.mul_(self.args.head_init_scale)
+            if self.args.head_init_bias is not None and head.bias is not None:
+                nn.init.constant_(head.bias, self.args.head_init_bias)
 
-    def _setup_loaders(self) -> None:
-        args = self.args
-        cfg = self.data_config
-        self.mixup_fn = self._mixup()
-        val_batch = args.validation_batch_size or args.batch_size
-        train_interp = args.train_interpolation
-        if train_interp in ('', 'random') and self.is_wds:
-            train_interp = train_interp or cfg['interpolation']
-        if self.is_wds:
-            from esam_timm.data import DevicePrefetcher, create_train_loader, create_val_loader
-            if args.no_aug:
-                aug = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0., vflip=0., color_jitter=None,
-                           auto_augment=None, re_prob=0.)
-            else:
-                aug = dict(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
-                           color_jitter=args.color_jitter or None, auto_augment=args.aa, re_prob=args.reprob)
-            # Fresh workers every epoch: opening a DataLoader iterator draws its base seed from the
-            # global RNG, persistent workers skip that draw, and a resumed run could then not replay
-            # the random state of an uninterrupted one. Worker start-up costs seconds per epoch.
-            raw_train = create_train_loader(
-                self.train_source, batch_size=args.batch_size, img_size=cfg['input_size'][1:],
-                num_workers=args.workers, seed=args.seed, rank=self.rank, world_size=self.world_size,
-                interpolation=train_interp, re_mode=args.remode, re_count=args.recount,
-                mean=cfg['mean'], std=cfg['std'], pin_memory=args.pin_mem, persistent_workers=False, **aug)
-            self.train_raw = raw_train
-            self.train_loader = DevicePrefetcher(raw_train, self.device, mean=cfg['mean'], std=cfg['std'],
-                                                 channels_last=args.channels_last, mixup_fn=self.mixup_fn)
-            self.val_loader = None
-            if self.val_source is not None:
-                raw_val = create_val_loader(
-                    self.val_source, batch_size=val_batch, img_size=cfg['input_size'][1:],
-                    crop_pct=cfg['crop_pct'], num_workers=args.workers, rank=self.rank,
-                    world_size=self.world_size, interpolation=cfg['interpolation'],
-                    mean=cfg['mean'], std=cfg['std'], pin_memory=args.pin_mem)
-                self.val_loader = DevicePrefetcher(raw_val, self.device, mean=cfg['mean'], std=cfg['std'],
-                                                   channels_last=args.channels_last)
-        else:
-            from timm.data import create_loader
-            common = dict(mean=cfg['mean'], std=cfg['std'], num_workers=args.workers,
-                          distributed=self.distributed, pin_memory=args.pin_mem, device=self.device,
-                          use_prefetcher=True, persistent_workers=False)
-            loader = create_loader(
-                self.train_source, input_size=cfg['input_size'], batch_size=args.batch_size, is_training=True,
-                no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-                scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
-                color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=train_interp,
-                **common)
-            self.train_loader = _TimmFolderLoader(loader, self.mixup_fn, args.channels_last)
-            self.train_raw = self.train_loader
-            self.val_loader = None
-            if self.val_source is not None:
-                vloader = create_loader(self.val_source, input_size=cfg['input_size'], batch_size=val_batch,
-                                        is_training=False, interpolation=cfg['interpolation'],
-                                        crop_pct=cfg['crop_pct'], **common)
-                self.val_loader = _TimmFolderLoader(vloader, None, args.channels_last)
-        self.batches_per_epoch = len(self.train_raw)
-        if self.batches_per_epoch < 1:
-            raise ValueError(f'the training split yields no full batch of {args.batch_size} per process; '
-                             f'lower --batch-size')
-        self.updates_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum_steps)
-
-    def _setup_optimizer(self) -> None:
+    def _build_optimizer(self) -> torch.optim.Optimizer:
         from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2, scheduler_kwargs
         args = self.args
-        self.lr = resolve_lr(args, self.world_size)
         kwargs: Dict[str, Any] = {}
         if args.opt_eps is not None:
             kwargs['eps'] = args.opt_eps
@@ -439,37 +289,45 @@ class Trainer:
             if kind == 'esam':
                 kwargs.update(beta=args.esam_beta, gamma=args.esam_gamma, sds=args.esam_sds)
         kwargs.update(args.opt_kwargs)
-        self.optimizer = create_optimizer_v2(
+        return create_optimizer_v2(
             self.model, opt=args.opt, lr=self.lr, weight_decay=args.weight_decay, momentum=args.momentum,
-            layer_decay=args.layer_decay, **kwargs)
-        self.sam = find_sam(self.optimizer)
-        self.loss_fn = create_per_sample_loss(
-            smoothing=args.smoothing, mixup_active=self.mixup_active, bce_loss=args.bce_loss,
-            bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, bce_pos_weight=args.bce_pos_weight)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
-        self.scheduler, self.num_epochs = None, args.epochs
-        if args.sched != 'none':
-            self.scheduler, self.num_epochs = create_scheduler_v2(
-                self.optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
-                updates_per_epoch=self.updates_per_epoch)
-        if self.is_primary:
-            what = (f'{type(self.sam).__name__}(rho={self.sam.rho}, beta={self.sam.beta}, gamma={self.sam.gamma}, '
-                    f'sds={self.sam.sds}, base={type(self.sam.base_optimizer).__name__})' if self.sam is not None
-                    else type(self.optimizer).__name__)
-            _logger.info('Optimizer %s, lr %.4g for a global batch of %d (%d per process x %d processes x %d '
-                         'accumulated)', what, self.lr, args.batch_size * self.world_size * args.grad_accum_steps,
-                         args.batch_size, self.world_size, args.grad_accum_steps)
-            _logger.info('%d epochs of %d batches (%d updates); output in %s', self.num_epochs,
-                         self.batches_per_epoch, self.updates_per_epoch, self.output_dir)
+            layer_decay=args.layer_decay, layer_decay_min_scale=args.layer_decay_min_scale,
+            layer_decay_no_opt_scale=args.layer_decay_no_opt_scale, **kwargs)
 
-    def _wrap_model(self) -> None:
-        """torch.compile, then DDP around it (train_step finds DDP's no_sync on the outer module)."""
+    def _build_scheduler(self) -> Tuple[Optional[Any], int]:
+        from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+        args = self.args
+        if args.sched == 'none':
+            return None, args.epochs
+        return create_scheduler_v2(
+            self.optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+            updates_per_epoch=self.updates_per_epoch)
+
+    def _optimizer_description(self) -> str:
+        if self.sam is None:
+            return type(self.optimizer).__name__
+        what = (f'{type(self.sam).__name__}(rho={self.sam.rho}, beta={self.sam.beta}, gamma={self.sam.gamma}, '
+                f'sds={self.sam.sds}, base={type(self.sam.base_optimizer).__name__})')
+        return what if self.optimizer is self.sam else f'{type(self.optimizer).__name__}({what})'
+
+    def _log_setup(self) -> None:
+        args = self.args
+        _logger.info('Optimizer %s, lr %.4g for a global batch of %d (%d per process x %d processes x %d '
+                     'accumulated)', self._optimizer_description(), self.lr,
+                     args.batch_size * self.world_size * args.grad_accum_steps, args.batch_size, self.world_size,
+                     args.grad_accum_steps)
+        _logger.info('%d epochs of %d batches (%d updates); output in %s', self.num_epochs,
+                     self.batches_per_epoch, self.updates_per_epoch, self.output_dir)
+
+    def _wrap_model(self) -> Tuple[nn.Module, nn.Module]:
+        """torch.compile, then DDP around it (train_step finds DDP's no_sync on the outer module);
+        returns the model to train and the one to evaluate."""
         args = self.args
         model = self.model
         if self.sam is not None and self.sam.sds_mode.signal == 'first-order':
             classifier_tap(model)  # checks the head now; a hook made before compiling is traced
         if args.torchcompile:
-            model = torch.compile(model, backend=args.torchcompile)
+            model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
         if self.distributed:
             # torch >= 2.10 renames broadcast_buffers (same meaning after the init-time sync).
             sync_name = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(
@@ -477,11 +335,39 @@ class Trainer:
             model = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
                 **{sync_name: not args.no_ddp_bb})
-        self.train_model = model
-        self.eval_model = model.module if isinstance(model, DistributedDataParallel) else model
+        return model, (model.module if isinstance(model, DistributedDataParallel) else model)
+
+    def _claim_output(self, history: List[Tuple[float, int]]) -> None:
+        """Create and lock the run folder (rank 0 decides, every rank learns the result), write args.yaml."""
+        args = self.args
+        root = args.output or os.path.join('.', 'output', 'train')
+        name = args.experiment or '-'.join([
+            datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
+            str(args.input_size[-1] if args.input_size else (args.img_size or 'default'))])
+        outcome: List[Optional[str]] = [None, None]  # [path, error]
+        if self.is_primary:
+            try:
+                self.run_folder = claim_run_folder(root, name, resume=args.resume)
+                outcome[0] = self.run_folder.path
+            except (OSError, RunFolderBusy) as e:
+                outcome[1] = str(e)
+        if self.distributed:
+            dist.broadcast_object_list(outcome, src=0)
+        if outcome[1] is not None:
+            raise SetupError(outcome[1])
+        self.output_dir = outcome[0]
+        if self.is_primary:
+            from esam_timm.fileio import atomic_write_text
+            atomic_write_text(os.path.join(self.output_dir, 'args.yaml'), self.args_text)
+        self.checkpoints = CheckpointManager(self.output_dir, args.checkpoint_hist,
+                                             decreasing=args.eval_metric == 'loss')
+        self.checkpoints.history = history
+        if args.resume:
+            self.checkpoints.adopt_recovery(args.resume)
 
     # ------------------------------------------------------------------------------- checkpoints
-    def state_dict(self, epoch: int, batches_done: int, metric: Optional[float] = None) -> Dict[str, Any]:
+    def state_dict(self, epoch: int, batches_done: int, metric: Optional[float] = None,
+                   epoch_meter: Optional[StepMeter] = None) -> Dict[str, Any]:
         """Everything a resumed run needs to continue exactly from (epoch, batches_done)."""
         state: Dict[str, Any] = {
             'version': CHECKPOINT_VERSION,
@@ -490,12 +376,13 @@ class Trainer:
             'batches_done': batches_done,
             'batches_per_epoch': self.batches_per_epoch,
             'num_updates': self.num_updates,
-            'skipped_total': self.skipped_total,
             'state_dict': self.model.state_dict(),
             'optimizer': self.optimizer.state_dict(),
             'args': {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()},
             'metric': metric,
         }
+        if epoch_meter is not None:
+            state['epoch_meter'] = epoch_meter.state_dict()
         if self.scaler is not None:
             state['scaler'] = self.scaler.state_dict()
         if self.model_ema is not None:
@@ -504,13 +391,21 @@ class Trainer:
             state['scheduler'] = self.scheduler.lr_scheduler.state_dict()  # plateau: the only stateful one
         return state
 
-    def _resume(self, path: str) -> None:
+    def _resume(self, path: str) -> List[Tuple[float, int]]:
+        """Load a checkpoint of this trainer and set the position; returns its best-checkpoint history."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f'--resume {path!r} is not a file')
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # pickle, zip and torch errors: none of them has a useful type
+            raise ValueError(f'--resume {path!r} could not be read as a checkpoint ({type(e).__name__})') from e
         if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'batches_done' not in ckpt:
             raise ValueError(f'--resume {path!r} is not a checkpoint written by this trainer '
                              f'(use --initial-checkpoint for plain weights)')
+        mismatch = _state_dict_mismatch(self.model, ckpt['state_dict'])
+        if mismatch:
+            raise ValueError(f'--resume {path!r} does not fit --model {self.args.model} with {self.num_classes} '
+                             f'classes: {mismatch}; it was written for --model {ckpt.get("arch")!r}')
         self.model.load_state_dict(ckpt['state_dict'])
         if self.model_ema is not None:
             self.model_ema.module.load_state_dict(ckpt.get('state_dict_ema', ckpt['state_dict']))
@@ -521,8 +416,6 @@ class Trainer:
             if 'scheduler' in ckpt and self.scheduler is not None and hasattr(self.scheduler, 'lr_scheduler'):
                 self.scheduler.lr_scheduler.load_state_dict(ckpt['scheduler'])
         self.num_updates = int(ckpt['num_updates'])
-        self.skipped_total = int(ckpt.get('skipped_total', 0))
-        self.checkpoints.history = [(float(m), int(e)) for m, e in ckpt.get('checkpoint_history', [])]
         epoch, done = int(ckpt['epoch']), int(ckpt['batches_done'])
         if ckpt.get('batches_per_epoch') not in (None, self.batches_per_epoch):
             _logger.warning('Checkpoint had %s batches per epoch, this run has %d (batch size or world size '
@@ -538,6 +431,7 @@ class Trainer:
                 f'--grad-accum-steps it was written with ({saved_accum}) or another value that divides {done}')
         else:
             self.start_epoch, self.start_batch = epoch, done
+            self._resumed_meter = ckpt.get('epoch_meter')
         if saved_accum != accum:
             _logger.warning('Checkpoint was written with --grad-accum-steps %s, this run uses %d: the global '
                             'batch changed, so the resumed run will not match an uninterrupted one',
@@ -545,6 +439,7 @@ class Trainer:
         if self.is_primary:
             _logger.info('Resumed %s: continuing at epoch %d, batch %d (%d updates done)', path,
                          self.start_epoch, self.start_batch, self.num_updates)
+        return [(float(m), int(e)) for m, e in ckpt.get('checkpoint_history', [])]
 
     # -------------------------------------------------------------------------------- training
     def _lr(self) -> float:
@@ -567,6 +462,9 @@ class Trainer:
                 _seed_everything(_step_seed(args.seed, self.rank, epoch, batch_idx))
                 next(batches)
         interval, whole = StepMeter(), StepMeter()
+        if start_batch and self._resumed_meter is not None:
+            whole.load_state_dict(self._resumed_meter, self.device)  # the summary row covers the whole epoch
+        self._resumed_meter = None
         bar = ProgressBar(n - start_batch, f'epoch {epoch}', enabled=self.is_primary and not args.no_progress)
         amp = dict(amp_dtype=self.amp_dtype, scaler=self.scaler, clip_grad=args.clip_grad,
                    clip_mode=args.clip_mode, bn_mode=args.esam_bn_mode)
@@ -586,17 +484,17 @@ class Trainer:
             done, update = window.stop, first // accum + 1
             bar.update(len(window))
             if update % args.log_interval == 0 or done == n:
-                self._log_interval(epoch, done, interval)
+                self._log_interval(epoch, done, interval, whole)
                 interval.reset()
             if self.scheduler is not None:
                 self.scheduler.step_update(num_updates=self.num_updates)
             if args.recovery_interval and update % args.recovery_interval == 0 and done < n:
-                self._save_recovery(epoch, done)
+                self._save_recovery(epoch, done, whole)
             for callback in self.step_callbacks:
                 callback(self, epoch, done)
         bar.close()
         metrics = whole.read(self.world_size)
-        metrics['skipped_steps'] = metrics.pop('perturb_skipped', 0.0)
+        metrics.setdefault('skipped_ascents', 0.0)
         return metrics
 
     def _next_window(self, batches: Iterator[Tuple[torch.Tensor, torch.Tensor]], epoch: int,
@@ -620,21 +518,20 @@ class Trainer:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return inputs, torch.cat([targets for _, targets in parts])
 
-    def _log_interval(self, epoch: int, done: int, meter: StepMeter) -> None:
-        metrics = meter.read(self.world_size)
-        self.skipped_total += int(metrics.get('perturb_skipped', 0))
+    def _log_interval(self, epoch: int, done: int, interval: StepMeter, whole: StepMeter) -> None:
+        metrics, running = interval.read(self.world_size), whole.read(self.world_size)
         lr = self._lr()
         if not self.is_primary:
             return
-        _logger.info(format_train_line(epoch, done, self.batches_per_epoch, metrics, lr, self.skipped_total))
+        _logger.info(format_train_line(epoch, done, self.batches_per_epoch, metrics, running, lr))
         if self.wandb is not None and self.wandb.active:
-            log = {f'train/{k}': v for k, v in metrics.items() if k != 'perturb_skipped'}
-            log.update({'train/lr': lr, 'train/skipped_steps': self.skipped_total, 'epoch': epoch})
+            log = {f'train/{k}': v for k, v in metrics.items()}
+            log.update({'train/lr': lr, 'epoch': epoch})
             self.wandb.log(log, step=self.num_updates)
 
-    def _save_recovery(self, epoch: int, done: int) -> None:
+    def _save_recovery(self, epoch: int, done: int, whole: StepMeter) -> None:
         if self.is_primary:
-            path = self.checkpoints.save_recovery(self.state_dict(epoch, done), epoch, done)
+            path = self.checkpoints.save_recovery(self.state_dict(epoch, done, epoch_meter=whole), epoch, done)
             _logger.info('Recovery checkpoint %s', path)
 
     @torch.no_grad()
@@ -653,9 +550,7 @@ class Trainer:
                 F.cross_entropy(logits, targets, reduction='sum').double(),
                 correct[:, 0].sum().double(), correct.any(dim=1).sum().double(),
                 torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=self.device)])
-        if self.distributed:
-            dist.all_reduce(sums)
-        loss, top1, top5, count = sums.tolist()
+        loss, top1, top5, count = all_reduce_sum(sums).tolist()
         if count == 0:
             raise RuntimeError('the validation split yielded no samples')
         metrics = {'loss': loss / count, 'top1': 100.0 * top1 / count, 'top5': 100.0 * top5 / count}
@@ -674,12 +569,15 @@ class Trainer:
                 start_batch = self.start_batch if epoch == self.start_epoch else 0
                 t0 = time.perf_counter()
                 train_metrics = self.train_one_epoch(epoch, start_batch)
+                train_metrics.update(self._data_check(self.train_loader, f'training epoch {epoch}'))
                 epoch_time = time.perf_counter() - t0
                 train_metrics['lr'] = self._lr()
+                self._distribute_bn()
                 eval_metrics, ema_metrics = {}, {}
-                if self.val_loader is not None:
+                if self.val_loader is not None and self._validates_after(epoch):
                     eval_metrics = self.validate(self.eval_model)
-                    if self.model_ema is not None:
+                    eval_metrics.update(self._data_check(self.val_loader, f'validation after epoch {epoch}'))
+                    if self.model_ema is not None and not args.model_ema_force_cpu:
                         ema_metrics = self.validate(self.model_ema.module, tag='ema eval')
                 ranked = ema_metrics or eval_metrics
                 metric = ranked.get(args.eval_metric)
@@ -689,6 +587,8 @@ class Trainer:
         finally:
             if self.wandb is not None:
                 self.wandb.finish()
+            if self.run_folder is not None:
+                self.run_folder.release()
         if self.is_primary and self.final_metrics:
             m = self.final_metrics
             top1 = m.get('ema_eval_top1', m.get('eval_top1'))
@@ -698,6 +598,33 @@ class Trainer:
                          '-' if best is None else f'{args.eval_metric} {best[0]:.3f} (epoch {best[1]})',
                          m['train_samples_per_sec'], self.output_dir)
         return self.final_metrics
+
+    def _validates_after(self, epoch: int) -> bool:
+        """``--val-interval N``: validate after every N-th epoch and after the last."""
+        return (epoch + 1) % self.args.val_interval == 0 or epoch + 1 == self.num_epochs
+
+    def _distribute_bn(self) -> None:
+        """``--dist-bn``: make BatchNorm running statistics agree across ranks before they are evaluated or saved
+        (each rank's statistics saw only its own batches); not needed with ``--sync-bn``."""
+        mode = self.args.dist_bn
+        if not (mode and self.distributed and not self.args.sync_bn):
+            return
+        from timm.utils import distribute_bn
+        distribute_bn(self.model, self.world_size, reduce=mode == 'reduce')
+        if self.model_ema is not None and not self.args.model_ema_force_cpu:
+            distribute_bn(self.model_ema.module, self.world_size, reduce=mode == 'reduce')
+
+    def _data_check(self, loader: Any, what: str) -> Dict[str, float]:
+        """The pass's bad-data report summed over ranks; stops the run past ``--max-bad-fraction``."""
+        report_fn = getattr(loader, 'data_report', None)
+        report = report_fn() if report_fn is not None else None
+        if report is None:
+            return {}
+        from esam_timm.data import check_bad_fraction, reduce_data_report
+        report = reduce_data_report(report, self.device)
+        check_bad_fraction(report, self.args.max_bad_fraction, what=what, warn=self.is_primary)
+        metrics = report.metrics()
+        return {'samples_read' if key == 'samples' else key: value for key, value in metrics.items()}
 
     def _end_epoch(self, epoch: int, train_metrics: Dict[str, float], eval_metrics: Dict[str, float],
                    ema_metrics: Dict[str, float], metric: Optional[float], epoch_time: float) -> None:
@@ -711,38 +638,17 @@ class Trainer:
         self.checkpoints.save_epoch(self.state_dict(epoch, self.batches_per_epoch, metric), epoch, metric)
         write_summary(os.path.join(self.output_dir, 'summary.csv'), row)
         if self.wandb is not None and self.wandb.active:
-            log = {f'eval/{k}': v for k, v in eval_metrics.items()}
-            log.update({f'ema_eval/{k}': v for k, v in ema_metrics.items()})
-            log.update({'epoch': epoch, 'train/epoch_loss': train_metrics.get('loss'),
-                        'train/epoch_samples_per_sec': train_metrics.get('samples_per_sec')})
-            self.wandb.log(log, step=self.num_updates)
+            self.wandb.log(row, step=self.num_updates)  # summary.csv's keys, which are timm's (eval_top1, ...)
         best = self.checkpoints.best
         best_text = f'  (best {self.args.eval_metric} {best[0]:.3f} at epoch {best[1]})' if best else ''
         top1 = (ema_metrics or eval_metrics).get('top1')
-        _logger.info('Epoch %d done in %.1fs: train loss %.4f, %.1f samples/s%s%s', epoch, epoch_time,
+        data_text = ''
+        if 'bad_samples' in train_metrics:
+            data_text = (f', unreadable data: {int(train_metrics["bad_samples"])} samples in '
+                         f'{int(train_metrics["bad_shards"])} shards')
+        _logger.info('Epoch %d done in %.1fs: train loss %.4f, %.1f samples/s%s%s%s', epoch, epoch_time,
                      train_metrics.get('loss', float('nan')), train_metrics['samples_per_sec'],
-                     f', top-1 {top1:.2f}%' if top1 is not None else '', best_text)
-
-
-def _num_classes_from_info(data_dir: str) -> Optional[int]:
-    """Class count of a shard folder: ``_info.json`` (features.label.num_classes or names, as in HF's
-    timm datasets, or num_classes), else the lines of a ``class_map.txt`` beside it; None if unknown."""
-    path = os.path.join(data_dir, '_info.json')
-    if os.path.isfile(path):
-        with open(path) as f:
-            info = json.load(f)
-        label = (info.get('features') or {}).get('label') or {}
-        if 'num_classes' in label:
-            return int(label['num_classes'])
-        if 'names' in label:
-            return len(label['names'])
-        if 'num_classes' in info:
-            return int(info['num_classes'])
-    class_map = os.path.join(data_dir, 'class_map.txt')
-    if os.path.isfile(class_map):
-        with open(class_map) as f:
-            return sum(1 for line in f if line.strip())
-    return None
+                     f', top-1 {top1:.2f}%' if top1 is not None else '', data_text, best_text)
 
 
 def train(args: argparse.Namespace, args_text: Optional[str] = None) -> Dict[str, float]:

@@ -1,0 +1,96 @@
+"""Runs you can trust: run folders are never shared or clobbered, and a run that cannot start says why
+in one line (exit code 2) before it creates anything."""
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from esam_timm.train import RunFolderBusy, SetupError, Trainer, claim_run_folder, parse_args
+from train_helpers import run_trainer, trainer_argv
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE_EPOCH = ('--epochs', '1', '--opt', 'momentum')
+
+
+def _files(folder):
+    return {name: open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))
+            if name != '.lock'}
+
+
+def test_a_second_run_of_the_same_experiment_gets_its_own_folder(demo_dir, tmp_path):
+    run_trainer(demo_dir, tmp_path, *ONE_EPOCH)
+    first = _files(tmp_path / 'run')
+    trainer, _ = run_trainer(demo_dir, tmp_path, *ONE_EPOCH, '--lr', '0.05')
+    assert trainer.output_dir == str(tmp_path / 'run-1')
+    assert _files(tmp_path / 'run') == first  # checkpoints, args.yaml, summary.csv untouched
+    assert 'lr: 0.05' in (tmp_path / 'run-1' / 'args.yaml').read_text()
+    trainer, _ = run_trainer(demo_dir, tmp_path, *ONE_EPOCH, '--epochs', '2', '--resume',
+                             str(tmp_path / 'run' / 'last.pth.tar'))
+    assert trainer.output_dir == str(tmp_path / 'run')  # resuming from a checkpoint in it continues that run
+
+
+def test_a_folder_in_use_is_refused_at_start(demo_dir, tmp_path):
+    run_trainer(demo_dir, tmp_path, *ONE_EPOCH)
+    holder = claim_run_folder(str(tmp_path), 'run', resume=str(tmp_path / 'run' / 'last.pth.tar'))
+    try:
+        with pytest.raises(RunFolderBusy, match=r'run folder .*run is in use by pid \d+'):
+            claim_run_folder(str(tmp_path), 'run', resume=str(tmp_path / 'run' / 'last.pth.tar'))
+        args, text = parse_args(trainer_argv(demo_dir, tmp_path, *ONE_EPOCH, '--epochs', '2', '--resume',
+                                             str(tmp_path / 'run' / 'last.pth.tar')))
+        with pytest.raises(SetupError, match='is in use by pid'):
+            Trainer(args, text).setup()
+    finally:
+        holder.release()
+    claim_run_folder(str(tmp_path), 'run', resume=str(tmp_path / 'run' / 'last.pth.tar')).release()
+
+
+@pytest.mark.parametrize('extra, message', [
+    (('--data-dir', '/nonexistent/imagenet'), '/nonexistent/imagenet'),
+    (('--train-split', 'nosuchsplit'), 'nosuchsplit'),
+    (('--num-classes', '20'), '--num-classes 20 disagrees with the data in .* which has 10 classes'),
+    (('--resume', '/nonexistent/last.pth.tar'), "--resume '/nonexistent/last.pth.tar' is not a file"),
+])
+def test_setup_errors_are_one_line_and_leave_no_run_folder(demo_dir, tmp_path, extra, message):
+    args, text = parse_args(trainer_argv(demo_dir, tmp_path / 'out', *ONE_EPOCH, *extra))
+    with pytest.raises(SetupError, match=message) as info:
+        Trainer(args, text).setup()
+    assert '\n' not in str(info.value)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_resume_from_another_model_names_the_mismatch(demo_dir, tmp_path):
+    run_trainer(demo_dir, tmp_path, *ONE_EPOCH)
+    args, text = parse_args(trainer_argv(demo_dir, tmp_path / 'other', *ONE_EPOCH, '--model', 'resnet10t',
+                                         '--resume', str(tmp_path / 'run' / 'last.pth.tar')))
+    with pytest.raises(SetupError, match=r"does not fit --model resnet10t with 10 classes: .*\d+ shape mismatches .*"
+                                         r"written for --model 'test_resnet'"):
+        Trainer(args, text).setup()
+    assert not (tmp_path / 'other').exists()
+
+
+def test_the_script_prints_one_line_and_exits_2(demo_dir, tmp_path):
+    cmd = [sys.executable, os.path.join(REPO, 'train_esam.py'),
+           *trainer_argv(demo_dir, tmp_path / 'out', *ONE_EPOCH, '--num-classes', '1000')]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if 'error' in line.lower()]
+    assert errors == [f'train_esam.py: error: --num-classes 1000 disagrees with the data in {demo_dir!r}, '
+                      f'which has 10 classes: pass --num-classes 10 (or leave it out)']
+    assert 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_batch_larger_than_the_split_warns_that_samples_repeat(demo_dir, tmp_path, caplog):
+    args, text = parse_args(trainer_argv(demo_dir, tmp_path, *ONE_EPOCH, '-b', '512'))
+    with caplog.at_level(logging.WARNING):
+        Trainer(args, text).setup()
+    assert 'global batch (512 = -b 512 x 1 processes) is larger than the training split (320 samples)' in caplog.text
+
+
+def test_optimizer_line_shows_lookahead(demo_dir, tmp_path, caplog):
+    args, text = parse_args(trainer_argv(demo_dir, tmp_path, '--epochs', '1', '--opt', 'lookahead_esam'))
+    with caplog.at_level(logging.INFO):
+        Trainer(args, text).setup()
+    assert 'Optimizer Lookahead(ESAM(rho=0.05' in caplog.text
