@@ -6,12 +6,13 @@
     torchrun --nproc_per_node 8 train_esam.py -c configs/imagenet_resnet50_esam.yaml --data-dir ...
 
 See docs/training.md. The logic lives in esam_timm.train; this script only parses, builds and runs.
-A run that cannot start (bad data, paths, checkpoint) ends with one line and exit code 2, as a bad flag;
+A run that cannot start (bad data, paths, checkpoint, labels beyond --num-classes) ends with one line and
+exit code 2, as a bad flag;
 a run that meets more unreadable data than --max-bad-fraction allows ends with one line and code 1.
 """
 import sys
 
-from esam_timm.data import BadDataError
+from esam_timm.data import BadDataError, LabelRangeError
 from esam_timm.train import SetupError, parse_args, setup_logging, train
 
 
@@ -20,7 +21,7 @@ def main() -> None:
     args, args_text = parse_args()
     try:
         train(args, args_text)
-    except SetupError as e:
+    except (SetupError, LabelRangeError) as e:
         sys.stderr.write(f'train_esam.py: error: {e}\n')
         sys.exit(2)
     except BadDataError as e:

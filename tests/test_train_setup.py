@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from esam_timm.data import LabelRangeError
 from esam_timm.train import RunFolderBusy, SetupError, Trainer, claim_run_folder, parse_args
 from train_helpers import run_trainer, trainer_argv
 
@@ -51,8 +52,12 @@ def test_a_folder_in_use_is_refused_at_start(demo_dir, tmp_path):
     (('--train-split', 'nosuchsplit'), 'nosuchsplit'),
     (('--num-classes', '20'), '--num-classes 20 disagrees with the data in .* which has 10 classes'),
     (('--resume', '/nonexistent/last.pth.tar'), "--resume '/nonexistent/last.pth.tar' is not a file"),
+    (('--data-dir', 'IMAGEFOLDER'), "holds a 'train' folder but no _info.json: an ImageFolder tree.*--dataset ''"),
 ])
 def test_setup_errors_are_one_line_and_leave_no_run_folder(demo_dir, tmp_path, extra, message):
+    if 'IMAGEFOLDER' in extra:
+        (tmp_path / 'images' / 'train' / 'cat').mkdir(parents=True)
+        extra = ('--data-dir', str(tmp_path / 'images'))
     args, text = parse_args(trainer_argv(demo_dir, tmp_path / 'out', *ONE_EPOCH, *extra))
     with pytest.raises(SetupError, match=message) as info:
         Trainer(args, text).setup()
@@ -94,3 +99,12 @@ def test_optimizer_line_shows_lookahead(demo_dir, tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         Trainer(args, text).setup()
     assert 'Optimizer Lookahead(ESAM(rho=0.05' in caplog.text
+
+
+def test_labels_beyond_num_classes_stop_at_the_first_batch(demo_dir, tmp_path):
+    import shutil
+    data = tmp_path / 'data'
+    shutil.copytree(demo_dir, data)
+    os.remove(data / 'class_map.txt')  # the data no longer says how many classes it has
+    with pytest.raises(LabelRangeError, match=r'label [5-9], outside the 5 classes of the model'):
+        run_trainer(str(data), tmp_path, *ONE_EPOCH, '--num-classes', '5')

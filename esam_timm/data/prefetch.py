@@ -18,6 +18,10 @@ from .report import DataReport
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
+class LabelRangeError(ValueError):
+    """A batch holds a label the model has no class for (``--num-classes`` smaller than the data's)."""
+
+
 class DevicePrefetcher:
     """Iterate ``(float images on device, targets on device)`` from a loader of uint8 batches.
 
@@ -35,6 +39,8 @@ class DevicePrefetcher:
             takes the loader's settings (``re_prob`` etc. attributes), else no erasing.
         re_num_splits: leave the first ``B // re_num_splits`` samples un-erased (augmix splits).
         dtype: floating dtype of the returned images.
+        num_classes: when given, a label outside ``[0, num_classes)`` raises :class:`LabelRangeError`
+            naming both numbers (checked on the host copy: no device sync).
     """
 
     def __init__(
@@ -51,8 +57,10 @@ class DevicePrefetcher:
             re_count: Optional[int] = None,
             re_num_splits: int = 0,
             dtype: torch.dtype = torch.float32,
+            num_classes: Optional[int] = None,
     ) -> None:
         self.loader = loader
+        self.num_classes = num_classes
         self.device = torch.device(device)
         if self.device.type == 'cuda' and self.device.index is None:
             self.device = torch.device('cuda', torch.cuda.current_device())
@@ -97,6 +105,12 @@ class DevicePrefetcher:
 
     def _prepare(self, images: torch.Tensor, targets: torch.Tensor) -> Batch:
         """Copy one host batch to the device and turn it into normalised float images (+ mixed targets)."""
+        if self.num_classes is not None and targets.device.type == 'cpu' and targets.numel() and not (
+                0 <= int(targets.min()) and int(targets.max()) < self.num_classes):
+            bad = int(targets.max()) if int(targets.max()) >= self.num_classes else int(targets.min())
+            raise LabelRangeError(f'the data holds label {bad}, outside the {self.num_classes} classes of the model '
+                                  f'(labels must be in [0, {self.num_classes})): pass the --num-classes the data '
+                                  f'has, or fix the labels')
         on_cuda = self.stream is not None
         if on_cuda and not images.is_pinned():
             images, targets = images.pin_memory(), targets.pin_memory()

@@ -60,7 +60,11 @@ def resolve_data(args: argparse.Namespace, is_primary: bool, barrier: Callable[[
             raise ValueError(f'--class-map {args.class_map!r} applies to folder datasets (--dataset \'\'); '
                              f'WebDataset shards carry integer labels: give the class map to make_shards '
                              f'(--class-map) when writing them')
-        from esam_timm.data import num_classes_from_info, resolve_source
+        from esam_timm.data import has_info, num_classes_from_info, resolve_source
+        if data_dir and not has_info(data_dir) and os.path.isdir(os.path.join(data_dir, args.train_split)):
+            raise ValueError(f'{data_dir!r} holds a {args.train_split!r} folder but no _info.json: an ImageFolder '
+                             f'tree, not WebDataset shards. Read it with --dataset \'\', or write shards with '
+                             f'python -m esam_timm.data.make_shards {data_dir} OUT')
         train = resolve_source(data_dir, args.train_split, args.train_num_samples)
         val = resolve_source(data_dir, args.val_split, args.val_num_samples) if args.val_split else None
         data_classes = num_classes_from_info(data_dir)
@@ -167,7 +171,7 @@ def build_loaders(args: argparse.Namespace, sources: DataSources, data_config: D
             mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem, persistent_workers=False,
             **aug)
         train = DevicePrefetcher(train_raw, device, mean=data_config['mean'], std=data_config['std'],
-                                 channels_last=args.channels_last, mixup_fn=mixup_fn)
+                                 channels_last=args.channels_last, mixup_fn=mixup_fn, num_classes=sources.num_classes)
         val = None
         if sources.val is not None:
             raw_val = create_val_loader(
@@ -176,7 +180,7 @@ def build_loaders(args: argparse.Namespace, sources: DataSources, data_config: D
                 interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
                 pin_memory=args.pin_mem)
             val = DevicePrefetcher(raw_val, device, mean=data_config['mean'], std=data_config['std'],
-                                   channels_last=args.channels_last)
+                                   channels_last=args.channels_last, num_classes=sources.num_classes)
     else:
         from timm.data import create_loader
         common = dict(mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
