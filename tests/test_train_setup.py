@@ -91,7 +91,7 @@ def test_a_batch_larger_than_the_split_warns_that_samples_repeat(demo_dir, tmp_p
     args, text = parse_args(trainer_argv(demo_dir, tmp_path, *ONE_EPOCH, '-b', '512'))
     with caplog.at_level(logging.WARNING):
         Trainer(args, text).setup()
-    assert 'global batch (512 = -b 512 x 1 processes) is larger than the training split (320 samples)' in caplog.text
+    assert 'global batch of 512 (-b x processes) is larger than the training split (320 samples)' in caplog.text
 
 
 def test_optimizer_line_shows_lookahead(demo_dir, tmp_path, caplog):

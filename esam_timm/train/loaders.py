@@ -43,7 +43,8 @@ def _demo_data_dir(args: argparse.Namespace) -> str:
     return args.data_dir or os.path.join(args.output or os.path.join('.', 'output', 'train'), 'demo-data')
 
 
-def resolve_data(args: argparse.Namespace, is_primary: bool, barrier: Callable[[], None]) -> DataSources:
+def resolve_data(args: argparse.Namespace, world_size: int, is_primary: bool,
+                 barrier: Callable[[], None]) -> DataSources:
     """Resolve the train/validation splits (building the demo shards first with ``--demo``) and the
     number of classes; ``--num-classes`` must agree with the data when the data says how many."""
     is_wds = args.dataset.startswith('wds/')
@@ -87,7 +88,7 @@ def resolve_data(args: argparse.Namespace, is_primary: bool, barrier: Callable[[
     if data_classes is not None and num_classes != data_classes:
         raise ValueError(f'--num-classes {num_classes} disagrees with the data in {data_dir!r}, which has '
                          f'{data_classes} classes: pass --num-classes {data_classes} (or leave it out)')
-    _warn_if_samples_repeat(args, train)
+    _warn_if_samples_repeat(args.batch_size * world_size, train)
     return DataSources(data_dir=data_dir, is_wds=is_wds, train=train, val=val, num_classes=num_classes)
 
 
@@ -98,16 +99,13 @@ def _find_class_map(class_map: str, data_dir: str) -> str:
     return os.path.join(data_dir, class_map)
 
 
-def _warn_if_samples_repeat(args: argparse.Namespace, train: Any) -> None:
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+def _warn_if_samples_repeat(global_batch: int, train: Any) -> None:
     num_samples = getattr(train, 'num_samples', None)
     if num_samples is None and hasattr(train, '__len__'):
         num_samples = len(train)
-    global_batch = args.batch_size * world_size
     if num_samples is not None and global_batch > num_samples:
-        _logger.warning('The global batch (%d = -b %d x %d processes) is larger than the training split '
-                        '(%d samples): samples repeat within every batch', global_batch, args.batch_size,
-                        world_size, num_samples)
+        _logger.warning('The global batch of %d (-b x processes) is larger than the training split (%d samples): '
+                        'samples repeat within every batch', global_batch, num_samples)
 
 
 def build_mixup(args: argparse.Namespace, num_classes: int) -> Optional[Callable]:

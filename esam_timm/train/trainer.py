@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from esam_timm import create_per_sample_loss, find_sam, train_step
 from esam_timm.distributed import all_reduce_sum
+from esam_timm.fileio import atomic_write_text
 from esam_timm.head import classifier_tap
 from esam_timm.registry import is_sam_family, optimizer_kind
 
@@ -160,7 +161,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------- setup
     @property
     def is_primary(self) -> bool:
-        return self.runtime.rank == 0
+        return self.rank == 0
 
     def setup(self) -> None:
         """Build runtime, data, model, loaders, optimizer and scheduler, load ``--resume``, then (only
@@ -174,11 +175,11 @@ class Trainer:
 
     def _setup(self) -> None:
         args = self.args
-        self.runtime = setup_runtime(args)
-        self.device, self.rank, self.world_size = self.runtime.device, self.runtime.rank, self.runtime.world_size
-        self.distributed, self.amp_dtype = self.runtime.distributed, self.runtime.amp_dtype
+        runtime = setup_runtime(args)
+        self.device, self.rank, self.world_size = runtime.device, runtime.rank, runtime.world_size
+        self.distributed, self.amp_dtype = runtime.distributed, runtime.amp_dtype
         torch.manual_seed(args.seed)
-        self.sources = resolve_data(args, self.is_primary, self._barrier)
+        self.sources = resolve_data(args, self.world_size, self.is_primary, self._barrier)
         self.num_classes = self.sources.num_classes
         self.model, self.data_config, self.model_ema = self._build_model()
         self.loaders = build_loaders(args, self.sources, self.data_config, rank=self.rank,
@@ -357,7 +358,6 @@ class Trainer:
             raise SetupError(outcome[1])
         self.output_dir = outcome[0]
         if self.is_primary:
-            from esam_timm.fileio import atomic_write_text
             atomic_write_text(os.path.join(self.output_dir, 'args.yaml'), self.args_text)
         self.checkpoints = CheckpointManager(self.output_dir, args.checkpoint_hist,
                                              decreasing=args.eval_metric == 'loss')
