@@ -13,11 +13,13 @@ import math
 import os
 import socket
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from torch import Tensor
 
 from esam_timm.fileio import atomic_copy, atomic_torch_save
 
-__all__ = ['CheckpointManager', 'RunFolder', 'RunFolderBusy', 'claim_run_folder', 'LOCK_NAME']
+__all__ = ['CheckpointManager', 'RunFolder', 'RunFolderBusy', 'claim_run_folder', 'state_dict_mismatch', 'LOCK_NAME']
 
 _logger = logging.getLogger(__name__)
 
@@ -91,6 +93,19 @@ def claim_run_folder(root: str, name: str, resume: str = '') -> RunFolder:
     folder = RunFolder(path)
     folder.acquire()
     return folder
+
+
+def state_dict_mismatch(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> str:
+    """Why ``state`` does not load into a model whose state dict is ``own``, in one line ('' if it fits):
+    missing and unexpected keys and shape mismatches, each counted with an example."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f'{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}'
+              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f'{len(missing)} missing keys (e.g. {missing[0]})' if missing else '',
+             f'{len(unexpected)} unexpected keys (e.g. {unexpected[0]})' if unexpected else '',
+             f'{len(shapes)} shape mismatches (e.g. {shapes[0]})' if shapes else '']
+    return ', '.join(p for p in parts if p)
 
 
 def remove_if_exists(path: str) -> None:
