@@ -280,3 +280,15 @@ def test_val_interval_and_an_ema_kept_on_the_cpu(demo_dir, tmp_path):
     assert all('ema_eval_top1' not in r or r['ema_eval_top1'] == '' for r in rows)
     ckpt = torch.load(tmp_path / 'run' / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert 'state_dict_ema' in ckpt
+
+
+def test_flatness_is_measured_every_n_epochs_on_fixed_batches(demo_dir, tmp_path):
+    _, metrics = _train(demo_dir, tmp_path, '--opt', 'esam', '--epochs', '3', '--sharpness-interval', '2',
+                        '--sharpness-batches', '1', '--sharpness-iters', '5')
+    rows = _summary(tmp_path / 'run')
+    measured = ['sharpness_top_eigenvalue' in r and r['sharpness_top_eigenvalue'] != '' for r in rows]
+    assert measured == [False, True, True]  # after epoch 1 and after the last
+    for row in rows[1:]:
+        assert float(row['sharpness_top_eigenvalue']) > 0 and float(row['sharpness_loss']) > 0
+        assert row['sharpness_m_sharpness'] != '' and float(row['sharpness_rho']) == 0.05
+    assert metrics['sharpness_num_samples'] == 32  # one validation batch, the same one each time

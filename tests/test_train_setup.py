@@ -52,6 +52,7 @@ def test_a_folder_in_use_is_refused_at_start(demo_dir, tmp_path):
     (('--train-split', 'nosuchsplit'), 'nosuchsplit'),
     (('--num-classes', '20'), '--num-classes 20 disagrees with the data in .* which has 10 classes'),
     (('--resume', '/nonexistent/last.pth.tar'), "--resume '/nonexistent/last.pth.tar' is not a file"),
+    (('--sharpness-interval', '1', '--val-split', ''), '--sharpness-interval 1 measures flatness on validation'),
     (('--data-dir', 'IMAGEFOLDER'), "holds a 'train' folder but no _info.json: an ImageFolder tree.*--dataset ''"),
 ])
 def test_setup_errors_are_one_line_and_leave_no_run_folder(demo_dir, tmp_path, extra, message):

@@ -280,6 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--model-ema-force-cpu', action='store_true', default=False,
                        help='keep the EMA weights on the CPU and do not validate them')
 
+    group = parser.add_argument_group('Flatness (esam_timm.sharpness)')
+    group.add_argument('--sharpness-interval', type=int, default=0, metavar='N',
+                       help='every N epochs (and after the last) measure the top Hessian eigenvalue and '
+                            'm-sharpness on fixed validation batches, on rank 0 (0 = off)')
+    group.add_argument('--sharpness-batches', type=int, default=2, metavar='N',
+                       help='validation batches the flatness measurements use (the same ones every time)')
+    group.add_argument('--sharpness-rho', type=float, default=0.05, metavar='RHO',
+                       help='ascent radius of the m-sharpness measurement (m = the validation batch)')
+    group.add_argument('--sharpness-iters', type=int, default=20, metavar='N',
+                       help='power iterations for the top Hessian eigenvalue')
+
     group = parser.add_argument_group('Misc')
     group.add_argument('--seed', type=int, default=42)
     group.add_argument('--log-interval', type=int, default=50, metavar='N',
@@ -548,6 +559,10 @@ def validate_args(args: argparse.Namespace) -> None:
     choice('dist-bn', args.dist_bn, _DIST_BN_MODES)
     in_range('model-ema-decay', args.model_ema_decay, 0., 1.)
     positive('log-interval', args.log_interval)
+    positive('sharpness-interval', args.sharpness_interval, allow_zero=True)
+    positive('sharpness-batches', args.sharpness_batches)
+    positive('sharpness-rho', args.sharpness_rho)
+    positive('sharpness-iters', args.sharpness_iters)
     positive('val-interval', args.val_interval)
     positive('recovery-interval', args.recovery_interval, allow_zero=True)
     positive('checkpoint-hist', args.checkpoint_hist)

@@ -38,7 +38,7 @@ from esam_timm.fileio import atomic_write_text
 from esam_timm.head import classifier_tap
 from esam_timm.registry import is_sam_family, optimizer_kind
 
-from .checkpoint import CheckpointManager, RunFolder, RunFolderBusy, claim_run_folder
+from .checkpoint import CheckpointManager, RunFolder, RunFolderBusy, claim_run_folder, state_dict_mismatch
 from .config import args_to_yaml
 from .loaders import build_loaders, resolve_data
 from .reporting import ProgressBar, StepMeter, WandbLogger, format_train_line, write_summary
@@ -122,19 +122,6 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
     return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype)
 
 
-def _state_dict_mismatch(model: nn.Module, state: Dict[str, torch.Tensor]) -> str:
-    """One line on why ``state`` does not load into ``model``: missing/unexpected keys, shape mismatches."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f'{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}'
-              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    parts = [f'{len(missing)} missing keys (e.g. {missing[0]})' if missing else '',
-             f'{len(unexpected)} unexpected keys (e.g. {unexpected[0]})' if unexpected else '',
-             f'{len(shapes)} shape mismatches (e.g. {shapes[0]})' if shapes else '']
-    return ', '.join(p for p in parts if p)
-
-
 class Trainer:
     """One training run described by parsed ``train_esam.py`` arguments.
 
@@ -157,6 +144,7 @@ class Trainer:
         self.wandb: Optional[WandbLogger] = None
         self.final_metrics: Dict[str, float] = {}
         self._resumed_meter: Optional[Dict[str, Any]] = None
+        self._sharpness_batches: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
 
     # ----------------------------------------------------------------------------------- setup
     @property
@@ -185,6 +173,9 @@ class Trainer:
         self.loaders = build_loaders(args, self.sources, self.data_config, rank=self.rank,
                                      world_size=self.world_size, device=self.device)
         self.train_loader, self.train_raw, self.val_loader = self.loaders.train, self.loaders.train_raw, self.loaders.val
+        if args.sharpness_interval and self.val_loader is None:
+            raise ValueError(f'--sharpness-interval {args.sharpness_interval} measures flatness on validation '
+                             f'batches, but --val-split is empty: give a validation split or drop the flag')
         self.mixup_fn = self.loaders.mixup_fn
         self.batches_per_epoch = self.loaders.batches_per_epoch
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum_steps)
@@ -402,7 +393,7 @@ class Trainer:
         if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'batches_done' not in ckpt:
             raise ValueError(f'--resume {path!r} is not a checkpoint written by this trainer '
                              f'(use --initial-checkpoint for plain weights)')
-        mismatch = _state_dict_mismatch(self.model, ckpt['state_dict'])
+        mismatch = state_dict_mismatch(self.model.state_dict(), ckpt['state_dict'])
         if mismatch:
             raise ValueError(f'--resume {path!r} does not fit --model {self.args.model} with {self.num_classes} '
                              f'classes: {mismatch}; it was written for --model {ckpt.get("arch")!r}')
@@ -579,11 +570,12 @@ class Trainer:
                     eval_metrics.update(self._data_check(self.val_loader, f'validation after epoch {epoch}'))
                     if self.model_ema is not None and not args.model_ema_force_cpu:
                         ema_metrics = self.validate(self.model_ema.module, tag='ema eval')
+                flatness = self._measure_sharpness(epoch)
                 ranked = ema_metrics or eval_metrics
                 metric = ranked.get(args.eval_metric)
                 if self.scheduler is not None:
                     self.scheduler.step(epoch + 1, metric)
-                self._end_epoch(epoch, train_metrics, eval_metrics, ema_metrics, metric, epoch_time)
+                self._end_epoch(epoch, train_metrics, eval_metrics, ema_metrics, metric, epoch_time, flatness)
         finally:
             if self.wandb is not None:
                 self.wandb.finish()
@@ -598,6 +590,33 @@ class Trainer:
                          '-' if best is None else f'{args.eval_metric} {best[0]:.3f} (epoch {best[1]})',
                          m['train_samples_per_sec'], self.output_dir)
         return self.final_metrics
+
+    def _measure_sharpness(self, epoch: int) -> Dict[str, float]:
+        """``--sharpness-interval``: the top Hessian eigenvalue and m-sharpness of the model on the same
+        validation batches every time, measured on rank 0 in fp32 (the other ranks wait)."""
+        args = self.args
+        if not args.sharpness_interval or not (
+                (epoch + 1) % args.sharpness_interval == 0 or epoch + 1 == self.num_epochs):
+            return {}
+        metrics: Dict[str, float] = {}
+        if self.is_primary:
+            from esam_timm.sharpness import measure_sharpness
+            if self._sharpness_batches is None:
+                batches = iter(self.val_loader)
+                self._sharpness_batches = [next(batches) for _ in range(min(args.sharpness_batches,
+                                                                                len(self.val_loader)))]
+            t0 = time.perf_counter()
+            report = measure_sharpness(self.model, self._sharpness_batches, F.cross_entropy, rho=args.sharpness_rho,
+                                       eig_iters=args.sharpness_iters, seed=args.seed,
+                                       progress=not args.no_progress)
+            metrics = {f'sharpness_{k}': v for k, v in report.to_dict().items()}
+            _logger.info('Flatness after epoch %d: top Hessian eigenvalue %.4g (%s after %d iterations), '
+                         'm-sharpness %.4g (rho %g) on %d validation batches, in %.1fs', epoch,
+                         report.top_eigenvalue, 'converged' if report.eig_converged else 'not converged',
+                         report.eig_iterations, report.m_sharpness, args.sharpness_rho,
+                         len(self._sharpness_batches), time.perf_counter() - t0)
+        self._barrier()
+        return metrics
 
     def _validates_after(self, epoch: int) -> bool:
         """``--val-interval N``: validate after every N-th epoch and after the last."""
@@ -627,11 +646,13 @@ class Trainer:
         return {'samples_read' if key == 'samples' else key: value for key, value in metrics.items()}
 
     def _end_epoch(self, epoch: int, train_metrics: Dict[str, float], eval_metrics: Dict[str, float],
-                   ema_metrics: Dict[str, float], metric: Optional[float], epoch_time: float) -> None:
+                   ema_metrics: Dict[str, float], metric: Optional[float], epoch_time: float,
+                   flatness: Dict[str, float]) -> None:
         row: Dict[str, Any] = {'epoch': epoch, 'lr': train_metrics.pop('lr'), 'epoch_time': epoch_time}
         row.update({f'train_{k}': v for k, v in train_metrics.items()})
         row.update({f'eval_{k}': v for k, v in eval_metrics.items()})
         row.update({f'ema_eval_{k}': v for k, v in ema_metrics.items()})
+        row.update(flatness)
         self.final_metrics = dict(row)
         if not self.is_primary:
             return
