@@ -216,7 +216,8 @@ def test_resume_inside_an_accumulation_window_is_refused(demo_dir, tmp_path):
 def test_torchrun_two_processes_gloo(demo_dir, tmp_path, accum):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
            os.path.join(REPO, 'train_esam.py'), *_argv(demo_dir, tmp_path, '--opt', 'esam', '--epochs', '1',
-                                                      '-b', '16', '--grad-accum-steps', str(accum))]
+                                                      '-b', '16', '--grad-accum-steps', str(accum),
+                                                      '--dist-bn', 'reduce' if accum > 1 else '')]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
