@@ -256,10 +256,8 @@ def _data_classes(args: argparse.Namespace, source: Any) -> Optional[int]:
     if args.dataset.startswith('wds/'):
         from esam_timm.data import num_classes_from_info
         return num_classes_from_info(args.data_dir)
-    dataset = getattr(source, 'dataset', source)
-    reader = getattr(dataset, 'reader', None)
-    classes = getattr(reader, 'class_to_idx', None) or getattr(dataset, 'classes', None)
-    return len(classes) if classes else None
+    from esam_timm.train.loaders import dataset_num_classes
+    return dataset_num_classes(source)
 
 
 def _first_batches(args: argparse.Namespace, source: Any, data_config: Dict[str, Any], num_classes: int,

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ['DataSources', 'Loaders', 'resolve_data', 'build_loaders', 'build_mixup']
+__all__ = ['DataSources', 'Loaders', 'resolve_data', 'build_loaders', 'build_mixup', 'dataset_num_classes']
 
 _logger = logging.getLogger(__name__)
 
@@ -78,9 +78,7 @@ def resolve_data(args: argparse.Namespace, world_size: int, is_primary: bool,
         val = create_dataset(args.dataset, root=data_dir, split=args.val_split, is_training=False,
                              class_map=class_map, download=args.dataset_download,
                              batch_size=args.batch_size) if args.val_split else None
-        reader = getattr(train, 'reader', None)
-        classes = getattr(reader, 'class_to_idx', None) or getattr(train, 'classes', None)
-        data_classes = len(classes) if classes else None
+        data_classes = dataset_num_classes(train)
     num_classes = args.num_classes if args.num_classes is not None else data_classes
     if num_classes is None:
         raise ValueError(f'cannot tell the number of classes of {data_dir!r} (no _info.json class count, '
@@ -90,6 +88,14 @@ def resolve_data(args: argparse.Namespace, world_size: int, is_primary: bool,
                          f'{data_classes} classes: pass --num-classes {data_classes} (or leave it out)')
     _warn_if_samples_repeat(args.batch_size * world_size, train)
     return DataSources(data_dir=data_dir, is_wds=is_wds, train=train, val=val, num_classes=num_classes)
+
+
+def dataset_num_classes(dataset: Any) -> Optional[int]:
+    """The class count a timm dataset declares (its reader's ``class_to_idx`` or ``classes``), else None."""
+    dataset = getattr(dataset, 'dataset', dataset)  # a subset wrapper
+    reader = getattr(dataset, 'reader', None)
+    classes = getattr(reader, 'class_to_idx', None) or getattr(dataset, 'classes', None)
+    return len(classes) if classes else None
 
 
 def _find_class_map(class_map: str, data_dir: str) -> str:

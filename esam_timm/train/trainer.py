@@ -475,7 +475,7 @@ class Trainer:
             done, update = window.stop, first // accum + 1
             bar.update(len(window))
             if update % args.log_interval == 0 or done == n:
-                self._log_interval(epoch, done, interval, whole)
+                running = self._log_interval(epoch, done, interval, whole)
                 interval.reset()
             if self.scheduler is not None:
                 self.scheduler.step_update(num_updates=self.num_updates)
@@ -484,9 +484,8 @@ class Trainer:
             for callback in self.step_callbacks:
                 callback(self, epoch, done)
         bar.close()
-        metrics = whole.read(self.world_size)
-        metrics.setdefault('skipped_ascents', 0.0)
-        return metrics
+        running.setdefault('skipped_ascents', 0.0)
+        return running  # the epoch's averages, read once at its last update
 
     def _next_window(self, batches: Iterator[Tuple[torch.Tensor, torch.Tensor]], epoch: int,
                      window: range) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -509,16 +508,18 @@ class Trainer:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return inputs, torch.cat([targets for _, targets in parts])
 
-    def _log_interval(self, epoch: int, done: int, interval: StepMeter, whole: StepMeter) -> None:
+    def _log_interval(self, epoch: int, done: int, interval: StepMeter, whole: StepMeter) -> Dict[str, float]:
+        """Log the interval and the epoch so far; returns the epoch's running averages."""
         metrics, running = interval.read(self.world_size), whole.read(self.world_size)
         lr = self._lr()
         if not self.is_primary:
-            return
+            return running
         _logger.info(format_train_line(epoch, done, self.batches_per_epoch, metrics, running, lr))
         if self.wandb is not None and self.wandb.active:
             log = {f'train/{k}': v for k, v in metrics.items()}
             log.update({'train/lr': lr, 'epoch': epoch})
             self.wandb.log(log, step=self.num_updates)
+        return running
 
     def _save_recovery(self, epoch: int, done: int, whole: StepMeter) -> None:
         if self.is_primary:
