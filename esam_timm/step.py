@@ -137,24 +137,35 @@ class _Passes:
     def backward(self, loss: torch.Tensor, inputs: Optional[Sequence[torch.Tensor]] = None) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward(inputs=inputs)
 
-    def finish(self, optimizer: torch.optim.Optimizer, clip_grad: Optional[float],
-               clip_mode: str) -> torch.Tensor:
-        """Unscale, measure and clip the final gradient, then step (through the scaler if any)."""
+    def finish(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: Optional[float],
+               clip_mode: str, guard_nonfinite: bool) -> Tuple[torch.Tensor, Dict[str, bool]]:
+        """Unscale, measure and clip the final gradient, then step (through the scaler if any).
+
+        With ``guard_nonfinite`` one host sync tells whether the loss and the final gradient are finite:
+        a non-finite update is not applied (without a scaler) or is the scaler's own overflow skip.
+        Returns the gradient norm (before clipping) and the guard's flags (empty without the guard).
+        """
         params = [p for group in optimizer.param_groups for p in group['params']]
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        flags: Dict[str, bool] = {}
+        if guard_nonfinite:
+            finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
+            flags = {'skipped_nonfinite': not finite and self.scaler is None,
+                     'skipped_overflow': not finite and self.scaler is not None}
+            if flags['skipped_nonfinite']:
+                return grad_norm, flags
         if clip_grad is not None and clip_mode == 'norm':
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if clip_grad is not None:
-                dispatch_clip_grad(params, clip_grad, mode=clip_mode)
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, grad_norm)  # the norm is computed once
+        elif clip_grad is not None:
+            dispatch_clip_grad(params, clip_grad, mode=clip_mode)
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
             optimizer.step()
-        return grad_norm
+        return grad_norm, flags
 
 
 def train_step(
@@ -170,6 +181,7 @@ def train_step(
         clip_grad: Optional[float] = None,
         clip_mode: str = 'norm',
         bn_mode: str = 'clean',
+        guard_nonfinite: bool = False,
 ) -> Dict[str, Any]:
     """Run one full parameter update of ``model`` on a batch and return its statistics.
 
@@ -188,6 +200,9 @@ def train_step(
         clip_grad, clip_mode: clip the final gradient ('norm', 'value' or 'agc', as in timm).
         bn_mode: 'clean' (running stats end as the clean pass F1 left them) or 'all' (every pass
             updates them, as the authors' code did).
+        guard_nonfinite: never apply an update whose loss or final gradient is not finite (costs one
+            host sync per update). Without an fp16 scaler such an update is skipped; with one, the scaler
+            skips it as an overflow, as it always does.
 
     Returns:
         Tensors (no host sync is made for them; call ``.item()`` when logging): ``loss`` (mean clean
@@ -196,7 +211,9 @@ def train_step(
         of its estimate; absent with 'loss', which measures none), ``num_selected`` and
         ``selected_fraction`` (Python numbers, over the whole batch), ``perturb_norm`` (||e||) and
         ``ascent_grad_norm`` (means over the micro-batches) and ``skipped_ascents`` (the number of
-        ascents a non-finite gradient skipped).
+        ascents a non-finite gradient skipped). An optimizer with ``step_stats()`` (``msam``) adds its
+        own (``perturb_norm``). With ``guard_nonfinite``, two Python bools: ``skipped_nonfinite`` (no
+        scaler; the update was not applied) and ``skipped_overflow`` (the fp16 scaler skipped it).
     """
     _check_options(amp_dtype, clip_mode, bn_mode, clip_grad)
     micro_batches = _micro_batches(inputs, targets, accum_steps)
@@ -212,14 +229,26 @@ def train_step(
                 losses, _ = passes.losses(x, y)
                 passes.backward(passes.average(losses.mean()))
             clean.append(losses.detach())
-        grad_norm = passes.finish(optimizer, clip_grad, clip_mode)
-        return {'loss': torch.cat(clean).mean(), 'grad_norm': grad_norm}
+        loss = torch.cat(clean).mean()
+        grad_norm, flags = passes.finish(optimizer, loss, clip_grad, clip_mode, guard_nonfinite)
+        return {'loss': loss, 'grad_norm': grad_norm, **_optimizer_stats(optimizer), **flags}
     _refuse_sharded_model(model)
     try:
         return _sam_step(passes, sam, optimizer, micro_batches, clip_grad=clip_grad, clip_mode=clip_mode,
-                         bn_mode=bn_mode)
+                         bn_mode=bn_mode, guard_nonfinite=guard_nonfinite)
     finally:
         sam.ascent_taken = False  # also when the scaler skipped the step: the next step needs a new ascent
+
+
+def _optimizer_stats(optimizer: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:
+    """Statistics an optimizer reports about its own last step (``step_stats()``, e.g. msam's
+    ``perturb_norm``), found on it or inside wrappers such as timm's Lookahead."""
+    while optimizer is not None:
+        step_stats = getattr(optimizer, 'step_stats', None)
+        if step_stats is not None:
+            return step_stats()
+        optimizer = getattr(optimizer, '_base_optimizer', None)
+    return {}
 
 
 def _micro_batches(inputs: torch.Tensor, targets: torch.Tensor,
@@ -267,7 +296,7 @@ def _unstash_grads(params: Sequence[torch.Tensor], stash: Sequence[Optional[torc
 
 def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer,
               micro_batches: Sequence[Tuple[torch.Tensor, torch.Tensor]], *, clip_grad: Optional[float],
-              clip_mode: str, bn_mode: str) -> Dict[str, Any]:
+              clip_mode: str, bn_mode: str, guard_nonfinite: bool) -> Dict[str, Any]:
     micro_size = micro_batches[0][0].shape[0]
     k = num_selected(sam.gamma, micro_size)
     signal = None if k == micro_size else sam.sds_mode.signal
@@ -289,15 +318,17 @@ def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer,
         stash = _stash_grads(params) if index else [None] * len(params)
         results.append(_micro_step(passes, plan, inputs, targets, last=index == len(micro_batches) - 1,
                                    params=params, stash=stash))
-    grad_norm = passes.finish(optimizer, clip_grad, clip_mode)
+    loss = torch.cat([r['clean'] for r in results]).mean()
+    grad_norm, flags = passes.finish(optimizer, loss, clip_grad, clip_mode, guard_nonfinite)
     stats = {
-        'loss': torch.cat([r['clean'] for r in results]).mean(),
+        'loss': loss,
         'grad_norm': grad_norm,
         'num_selected': k * len(results),
         'selected_fraction': k / micro_size,
         'perturb_norm': _mean([r['perturb_norm'] for r in results]),
         'ascent_grad_norm': _mean([r['grad_norm'] for r in results]),
         'skipped_ascents': _sum([r['skipped_ascents'] for r in results]),
+        **flags,
     }
     if signal != 'loss':
         stats['sharpness'] = torch.cat([r['sharpness'] for r in results]).mean()

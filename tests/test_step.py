@@ -325,6 +325,54 @@ def test_fp16_overflow_in_final_backward_leaves_weights_bitwise_and_lowers_scale
     assert not optimizer.state  # the base optimizer never stepped: no momentum buffers
 
 
+def output_nan(model: nn.Module) -> None:
+    """Make every later output of the model NaN (a diverging run)."""
+    model.register_forward_hook(lambda module, args, output: output * float('nan'))
+
+
+@pytest.mark.parametrize('opt', ['momentum', 'esam'])
+def test_guard_never_applies_a_non_finite_update(opt):
+    """A NaN loss leaves weights and optimizer state bitwise as they were, and says so; without the
+    guard the same step writes NaN into the weights (what the guard is for)."""
+    kwargs = dict(beta=0.5, gamma=0.5, rho=0.05) if opt == 'esam' else {}
+    results = {}
+    for guard in (True, False):
+        torch.manual_seed(0)
+        model = Recorder()
+        optimizer = timm.optim.create_optimizer_v2(model, opt, lr=0.1, **kwargs)
+        x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 5, (8,))
+        stats = train_step(model, optimizer, x, y, PerSampleCrossEntropy(), guard_nonfinite=guard)
+        if guard:
+            assert stats['skipped_nonfinite'] is False and stats['skipped_overflow'] is False
+        before = [p.detach().clone() for p in model.parameters()]
+        state = copy.deepcopy(optimizer.state_dict()['state'])
+        output_nan(model)
+        stats = train_step(model, optimizer, x, y, PerSampleCrossEntropy(), guard_nonfinite=guard)
+        assert not torch.isfinite(stats['loss'])
+        results[guard] = [p.detach().clone() for p in model.parameters()]
+        if guard:
+            assert stats['skipped_nonfinite'] is True and stats['skipped_overflow'] is False
+            assert all(torch.equal(p, b) for p, b in zip(results[guard], before))
+            torch.testing.assert_close(optimizer.state_dict()['state'], state, rtol=0, atol=0)
+        else:
+            assert 'skipped_nonfinite' not in stats
+    assert not all(torch.isfinite(p).all() for p in results[False])
+
+
+def test_guard_under_fp16_scaler_reports_the_scalers_skip():
+    model, optimizer, scaler, x, y = fp16_setup()
+    model.fc.weight.register_hook(InfGrad(1))
+    w = [p.detach().clone() for p in model.parameters()]
+    stats = train_step(model, optimizer, x, y, PerSampleCrossEntropy(), amp_dtype=torch.float16, scaler=scaler,
+                       guard_nonfinite=True)
+    assert stats['skipped_overflow'] is True and stats['skipped_nonfinite'] is False
+    assert all(torch.equal(p, w0) for p, w0 in zip(model.parameters(), w))
+    assert scaler.get_scale() == 2.0 ** 7  # the scaler's own skip, as without the guard
+    stats = train_step(model, optimizer, x, y, PerSampleCrossEntropy(), amp_dtype=torch.float16, scaler=scaler,
+                       guard_nonfinite=True)
+    assert stats['skipped_overflow'] is False and not torch.equal(model.fc.weight, w[2])
+
+
 def test_plain_optimizer_gets_single_pass_step():
     model = Recorder()
     reference = copy.deepcopy(model)
