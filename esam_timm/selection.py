@@ -11,6 +11,18 @@ signals differ in what they cost:
   ``2 + beta + 3 gamma``.
 - ``'loss'``: the clean loss ``l_i(w)`` (K-SAM-like: the hardest samples); no F2, no estimate.
 
+The paper's rule takes the top k of the signal. Under label noise that favours mislabelled samples
+(their loss, and so their loss rise, is largest), so two noise-robust rules keep the sharpness signal
+but stop chasing noise, each for the ``exact`` and ``first-order`` signals:
+
+- ``-trim`` (``'exact-trim'``, ``'first-order-trim'``): the small-loss criterion of Co-teaching (Han et
+  al. 2018): the ``drop`` share of the batch with the highest clean loss (20% by default) is excluded,
+  then the top k of the signal among the rest are taken (:class:`TrimHighLoss`).
+- ``-relative`` (``'exact-relative'``, ``'first-order-relative'``): the top k of the sharpness relative
+  to the clean loss, ``delta_i / l_i`` (:func:`relative_to_loss`): for cross-entropy the loss rise of
+  a sample is about ``rho * ||g_i|| * cos(g_i, g)`` and ``||g_i||`` grows with ``l_i``, so the ratio
+  ranks by how well a sample's gradient agrees with the batch's, not by how wrong its label is.
+
 ``k = max(1, round(gamma * B))`` is fixed by the batch size alone, so every DDP rank selects the same
 number of samples and compiled graphs see one shape. The mode is owned by the optimizer
 (``ESAM(sds=...)``, ``create_optimizer_v2(..., sds=...)``, ``--esam-sds``); add one with
@@ -21,8 +33,9 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ['SDS_SIGNALS', 'SelectionRule', 'SDSMode', 'num_selected', 'top_k', 'logit_grad',
-           'first_order_sharpness', 'register_sds_mode', 'get_sds_mode', 'list_sds_modes']
+__all__ = ['SDS_SIGNALS', 'SelectionRule', 'SDSMode', 'num_selected', 'top_k', 'TrimHighLoss',
+           'relative_to_loss', 'logit_grad', 'first_order_sharpness', 'register_sds_mode', 'get_sds_mode',
+           'list_sds_modes']
 
 SDS_SIGNALS = ('exact', 'first-order', 'loss')
 
@@ -33,6 +46,44 @@ SelectionRule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 def top_k(score: torch.Tensor, clean_loss: torch.Tensor, k: int) -> torch.Tensor:
     """The paper's rule: the ``k`` samples with the largest score (exact top-k)."""
     return torch.topk(score, k).indices
+
+
+class TrimHighLoss:
+    """Co-teaching's small-loss criterion before the paper's rule: exclude the ``drop`` share of the batch
+    with the highest clean loss, then take the top ``k`` of the score among the others.
+
+    At most ``B - k`` samples are excluded, so exactly ``k`` are always selected (DDP ranks and compiled
+    graphs see one shape). A class rather than a closure, so an optimizer holding it pickles.
+    """
+
+    def __init__(self, drop: float = 0.2) -> None:
+        if not (isinstance(drop, (int, float)) and 0.0 <= drop < 1.0):
+            raise ValueError(f'TrimHighLoss drop={drop!r} is invalid: it must be a share of the batch in [0, 1).')
+        self.drop = float(drop)
+
+    def __call__(self, score: torch.Tensor, clean_loss: torch.Tensor, k: int) -> torch.Tensor:
+        batch_size = score.shape[0]
+        excluded = min(round(self.drop * batch_size), batch_size - k)
+        if excluded > 0:
+            score = score.index_fill(0, torch.topk(clean_loss, excluded).indices, float('-inf'))
+        return torch.topk(score, k).indices
+
+    def __repr__(self) -> str:
+        return f'TrimHighLoss(drop={self.drop})'
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TrimHighLoss) and other.drop == self.drop
+
+    def __hash__(self) -> int:
+        return hash((TrimHighLoss, self.drop))
+
+
+RELATIVE_LOSS_FLOOR = 1e-6  # a fitted sample's loss can round to 0: its ratio stays finite
+
+
+def relative_to_loss(score: torch.Tensor, clean_loss: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` samples with the largest sharpness relative to their clean loss, ``score / l_i``."""
+    return torch.topk(score / clean_loss.clamp_min(RELATIVE_LOSS_FLOOR), k).indices
 
 
 @dataclass(frozen=True)
@@ -113,3 +164,6 @@ def get_sds_mode(mode: Union[str, SDSMode]) -> SDSMode:
 register_sds_mode('exact', SDSMode('exact'))
 register_sds_mode('first-order', SDSMode('first-order'))
 register_sds_mode('loss', SDSMode('loss'))
+for _signal in ('exact', 'first-order'):
+    register_sds_mode(f'{_signal}-trim', SDSMode(_signal, TrimHighLoss()))
+    register_sds_mode(f'{_signal}-relative', SDSMode(_signal, relative_to_loss))

@@ -301,17 +301,20 @@ def _sam_step(passes: _Passes, sam: ESAM, optimizer: torch.optim.Optimizer,
     k = num_selected(sam.gamma, micro_size)
     signal = None if k == micro_size else sam.sds_mode.signal
     stat_buffers = _running_stat_buffers(passes.model) if bn_mode == 'clean' else []
+    drawn = sam.draw_swp()  # one draw per update, the paper's SWP
     head: List[torch.Tensor] = []
     tap = None
     if signal == 'first-order':
         classifier, tap = classifier_tap(passes.model)
         head = [p for p in (classifier.weight, classifier.bias) if p is not None]
-    drawn = sam.draw_swp(always=head)  # one draw per update; the estimate needs e_W, e_b every step
-    if head and not any(p is head[0] for p in drawn):
-        raise ValueError("SDS mode 'first-order' needs the classifier's weight trainable and in the "
-                         "optimizer (its ascent e_W is the estimate's direction); use SDS mode 'exact' "
-                         "or 'loss'.")
-    plan = _AscentPlan(sam, signal, k, drawn, head, tap, stat_buffers)
+        trainable = {id(p) for p in sam._params() if p.requires_grad}
+        if id(head[0]) not in trainable:
+            raise ValueError(f"SDS mode '{sam.sds}' needs the classifier's weight trainable and in the "
+                             "optimizer (its ascent direction is the estimate's); use SDS mode 'exact' or "
+                             "'loss'.")
+    drawn_ids = {id(p) for p in drawn}
+    head_only = [p for p in head if id(p) not in drawn_ids]
+    plan = _AscentPlan(sam, signal, k, drawn, head, head_only, tap, stat_buffers)
     params = [p for group in optimizer.param_groups for p in group['params']]
     results = []
     for index, (inputs, targets) in enumerate(micro_batches):
@@ -350,6 +353,7 @@ class _AscentPlan(NamedTuple):
     k: int
     drawn: List[torch.Tensor]
     head: List[torch.Tensor]  # the classifier's weight (and bias) for the first-order estimate
+    head_only: List[torch.Tensor]  # those of them SWP did not draw: B1 computes their gradient, not perturbed
     tap: Optional[ClassifierTap]
     stat_buffers: List[torch.Tensor]  # BN running stats to keep as F1 left them (bn_mode='clean')
 
@@ -369,11 +373,12 @@ def _micro_step(passes: _Passes, plan: _AscentPlan, inputs: torch.Tensor, target
         plan.tap.clear()
     with passes.sync_if(False):
         clean, logits = passes.losses(inputs, targets)  # F1
-        if plan.drawn:
-            passes.backward(clean.mean(), inputs=plan.drawn)  # B1: the drawn tensors' gradients only
+        if plan.drawn or plan.head_only:  # B1: the drawn tensors' gradients (and the classifier's)
+            passes.backward(clean.mean(), inputs=plan.drawn + plan.head_only)
     clean = clean.detach()
     if plan.head:
         features, delta = _classifier_terms(passes, plan.tap, logits, targets)
+        head_grads = _stash_grads(plan.head_only)  # a direction for the estimate, not part of the ascent
     del logits
     stats_after_clean = torch._foreach_clone(plan.stat_buffers) if plan.stat_buffers else []
     ascent = sam.perturb(skip_non_finite=passes.scaler is not None)
@@ -386,8 +391,8 @@ def _micro_step(passes: _Passes, plan: _AscentPlan, inputs: torch.Tensor, target
             rng.set(rng_after_clean)
             score = sharpness
         elif signal == 'first-order':
-            e_bias = plan.head[1].grad if len(plan.head) == 2 else None  # after perturb, .grad holds e
-            score = sharpness = first_order_sharpness(delta, features, plan.head[0].grad, e_bias)
+            e_head = _classifier_ascent(sam, plan, head_grads, ascent)
+            score = sharpness = first_order_sharpness(delta, features, e_head[0], e_head[1] if len(e_head) > 1 else None)
         elif signal == 'loss':
             score = clean
         if signal is not None:
@@ -410,6 +415,30 @@ def _micro_step(passes: _Passes, plan: _AscentPlan, inputs: torch.Tensor, target
     if signal != 'loss':
         result['sharpness'] = sharpness
     return result
+
+
+def _classifier_ascent(sam: ESAM, plan: _AscentPlan, head_grads: Sequence[Optional[torch.Tensor]],
+                       ascent: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+    """The classifier's ascent ``[e_W, e_b]`` for the first-order estimate, after ``perturb()``.
+
+    A drawn classifier tensor's ``e`` is in its ``.grad``. One SWP did not draw gets the ascent it would
+    have had from its own B1 gradient at the step's ascent scale (``rho / beta / ||g||``, read back from
+    the ascent's statistics), used by the estimate only: the weights stay exactly at the paper's draw.
+    """
+    scale = torch.where(ascent['grad_norm'] > 0, ascent['perturb_norm'] / ascent['grad_norm'], 0.0)
+    own = dict(zip(map(id, plan.head_only), head_grads))
+    e_head = []
+    for p in plan.head:
+        if id(p) not in own:
+            e_head.append(p.grad)
+            continue
+        grad = own[id(p)]
+        if grad is None:
+            e_head.append(torch.zeros_like(p))
+            continue
+        e = grad.float() * scale
+        e_head.append(e * p.detach().float().square() if sam.adaptive else e)
+    return e_head
 
 
 def _classifier_terms(passes: _Passes, tap: ClassifierTap, logits: torch.Tensor,

@@ -30,16 +30,17 @@ def recording_mode(signal: str, seen: dict) -> SDSMode:
 
 
 def brute_force_first_order(model: nn.Module, x, targets, loss_fn, keep) -> torch.Tensor:
-    """delta_i . (e_W h_i + e_b), one sample at a time, with e from a hand-made SWP ascent."""
+    """delta_i . (e_W h_i + e_b), one sample at a time, with e from a hand-made SWP ascent: the scale
+    rho / beta / ||g_drawn|| of the paper's draw, applied to the classifier's own gradient whether or
+    not the draw took the classifier (the estimate's direction either way)."""
     params = list(model.parameters())
     fc = model.get_classifier()
-    keep = [k or p is fc.weight or p is fc.bias for p, k in zip(params, keep)]
     features = model.forward_head(model.forward_features(x), pre_logits=True)
     logits = fc(features)
     losses = loss_fn(logits, targets)
     grads = torch.autograd.grad(losses.mean(), params, retain_graph=True)
     norm = torch.sqrt(sum((g ** 2).sum() for g, k in zip(grads, keep) if k))
-    e = {id(p): g * (RHO / (norm + 1e-7) / BETA) for p, g, k in zip(params, grads, keep) if k}
+    e = {id(p): g * (RHO / (norm + 1e-7) / BETA) for p, g in zip(params, grads)}
     e_w, e_b = e[id(fc.weight)], e[id(fc.bias)]
     estimates = []
     for i in range(x.shape[0]):
@@ -49,20 +50,21 @@ def brute_force_first_order(model: nn.Module, x, targets, loss_fn, keep) -> torc
     return torch.stack(estimates).detach()
 
 
+@pytest.mark.parametrize('seed', [SEED, 0])  # the draw leaves the classifier out (5) or takes it (0)
 @pytest.mark.parametrize('loss_fn, targets', [
     (PerSampleCrossEntropy(smoothing=0.1), 'index'),
     (PerSampleCrossEntropy(), 'soft'),  # mixup / cutmix targets
     (PerSampleBinaryCrossEntropy(smoothing=0.1), 'index'),
 ])
-def test_first_order_estimate_equals_brute_force_per_sample(loss_fn, targets):
+def test_first_order_estimate_equals_brute_force_per_sample(loss_fn, targets, seed):
     model = timm.create_model('test_resnet', num_classes=10)
     x, y = batch()
     if targets == 'soft':
         y = torch.softmax(3 * torch.randn(12, 10, generator=torch.Generator().manual_seed(3)), -1)
-    keep = swp_keep_mask(torch.Generator().manual_seed(SEED), len(list(model.parameters())), BETA)
+    keep = swp_keep_mask(torch.Generator().manual_seed(seed), len(list(model.parameters())), BETA)
     expected = brute_force_first_order(copy.deepcopy(model), x, y, loss_fn, keep)
     seen = {}
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=RHO, beta=BETA, gamma=GAMMA, seed=SEED,
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=RHO, beta=BETA, gamma=GAMMA, seed=seed,
                      sds=recording_mode('first-order', seen))
     stats = train_step(model, optimizer, x, y, loss_fn)
     torch.testing.assert_close(seen['score'], expected, rtol=1e-4, atol=1e-7)
@@ -81,6 +83,8 @@ def test_first_order_estimate_is_the_classifier_loss_rise_to_first_order():
     fc = model.get_classifier()
     body = [p for p in model.parameters() if p is not fc.weight and p is not fc.bias]
     w_body = [p.detach().clone() for p in body]
+    for p in body:
+        p.requires_grad_(False)  # only the classifier is trainable, so the only tensor perturbed
 
     def rule(score, clean_loss, k):  # at w + e, where only the classifier moved (no other tensor drawn)
         seen['body_unmoved'] = all(torch.equal(p, w) for p, w in zip(body, w_body))
@@ -89,8 +93,7 @@ def test_first_order_estimate_is_the_classifier_loss_rise_to_first_order():
         seen['score'] = score.clone()
         return torch.topk(score, k).indices
 
-    # beta tiny: no tensor is drawn but the classifier; ||e|| = rho / beta = 1e-3
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=1e-9, beta=1e-6, gamma=0.5, seed=0,
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=1e-3, beta=1.0, gamma=0.5, seed=0,
                      sds=SDSMode('first-order', rule))
     train_step(model, optimizer, x, y, loss_fn)
     assert seen['body_unmoved']
@@ -140,10 +143,13 @@ def test_loss_mode_selects_the_highest_clean_losses():
     assert 'sharpness' not in stats and stats['num_selected'] == 3
 
 
-def test_first_order_always_perturbs_the_classifier_and_keeps_the_draw_of_the_others():
+def test_first_order_perturbs_exactly_the_swp_draw():
+    """The classifier joins B1 (its gradient gives the estimate's direction) but not the ascent: the
+    tensors perturbed are the draw's, and ||e|| = rho / beta over them."""
     model = Head()
     optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.2, beta=0.3, gamma=0.5, seed=11, sds='first-order')
     keep = swp_keep_mask(torch.Generator().manual_seed(11), 4, 0.3)
+    assert not keep[2]  # this seed does not draw the classifier's weight
     seen = []
     original = optimizer.perturb
 
@@ -153,8 +159,42 @@ def test_first_order_always_perturbs_the_classifier_and_keeps_the_draw_of_the_ot
 
     optimizer.perturb = perturb
     stats = train_step(model, optimizer, torch.randn(8, 3, 4, 4), torch.randint(0, 5, (8,)), PerSampleCrossEntropy())
-    assert seen == [keep[:2] + [True, True]]  # conv weight/bias as drawn; fc weight/bias always
+    assert seen == [keep]
     assert stats['perturb_norm'].item() == pytest.approx(0.2 / 0.3, rel=1e-5)
+
+
+def perturbed_weights(model: nn.Module, optimizer: ESAM, x, y) -> list:
+    """The weights at w + e of one train_step (read just before restore)."""
+    seen = []
+    original = optimizer.restore
+
+    def restore():
+        seen.append([p.detach().clone() for p in model.parameters()])
+        original()
+
+    optimizer.restore = restore
+    train_step(model, optimizer, x, y, PerSampleCrossEntropy())
+    return seen[0]
+
+
+@pytest.mark.parametrize('seed', [SEED, 0])
+def test_first_order_perturbation_is_bitwise_the_papers_swp_draw(seed):
+    """w + e in first-order mode is bit for bit the paper's (exact mode's) w + e on the same draw, whether
+    the draw took the classifier (seed 0) or not (seed 5)."""
+    model = timm.create_model('test_resnet', num_classes=10)
+    names, fc_name = [n for n, _ in model.named_parameters()], 'fc.weight'
+    keep = swp_keep_mask(torch.Generator().manual_seed(seed), len(names), BETA)
+    assert keep[names.index(fc_name)] == (seed == 0)
+    x, y = batch()
+    results = {}
+    for sds in ('exact', 'first-order'):
+        twin = copy.deepcopy(model)
+        optimizer = ESAM(twin.parameters(), 'sgd', lr=0.1, rho=RHO, beta=BETA, gamma=GAMMA, seed=seed, sds=sds)
+        results[sds] = perturbed_weights(twin, optimizer, x, y)
+    assert all(torch.equal(p, q) for p, q in zip(results['exact'], results['first-order']))
+    moved = [not torch.equal(p, w) for p, w in zip(results['first-order'], model.parameters())]
+    assert all(k for m, k in zip(moved, keep) if m)  # only drawn tensors move (some drawn get e = 0)
+    assert moved[names.index(fc_name)] == keep[names.index(fc_name)]
 
 
 class NoHead(nn.Module):
@@ -200,7 +240,8 @@ def test_first_order_refuses_heads_it_cannot_read(model, match):
 
 
 def test_unknown_sds_mode_names_the_valid_ones():
-    with pytest.raises(ValueError, match=r"Unknown SDS mode 'fast': valid modes are \['exact', 'first-order', 'loss'\]"):
+    with pytest.raises(ValueError, match=r"Unknown SDS mode 'fast': valid modes are \['exact', 'first-order', 'loss', "
+                                         r"'exact-trim', 'exact-relative', 'first-order-trim', 'first-order-relative'\]"):
         ESAM(Head().parameters(), 'sgd', lr=0.1, sds='fast')
     with pytest.raises(ValueError, match="SDS signal 'f2' is invalid"):
         SDSMode('f2')
@@ -243,3 +284,90 @@ def test_exact_mode_is_bitwise_the_step_with_requires_grad_toggled_around_b1():
         twin_opt.step()
     for p, q in zip(model.state_dict().values(), twin.state_dict().values()):
         assert torch.equal(p, q)
+
+
+# --------------------------------------------------------------------------- noise-robust selection rules
+def brute_force_trim(score, clean_loss, k, drop):
+    """Exclude the round(drop * B) highest clean losses (at most B - k), then the k largest scores."""
+    b = len(score)
+    excluded = sorted(range(b), key=lambda i: -clean_loss[i])[:min(round(drop * b), b - k)]
+    kept = [i for i in range(b) if i not in excluded]
+    return sorted(sorted(kept, key=lambda i: -score[i])[:k]), sorted(excluded)
+
+
+# the two highest scores (samples 1 and 6) carry the two highest clean losses: a mislabelled pair
+HAND_SCORE = [0.10, 0.90, 0.30, -0.05, 0.50, 0.20, 0.80, 0.40, 0.00, 0.35]
+HAND_LOSS = [0.50, 4.00, 0.90, 0.10, 1.20, 0.30, 3.00, 0.60, 0.05, 2.00]
+
+
+@pytest.mark.parametrize('drop, k, excluded, selected', [
+    (0.2, 5, [1, 6], [2, 4, 5, 7, 9]),
+    (0.3, 5, [1, 6, 9], [0, 2, 4, 5, 7]),
+    (0.0, 5, [], [1, 4, 6, 7, 9]),  # the paper's top-k
+    (0.5, 8, [1, 6], [0, 2, 3, 4, 5, 7, 8, 9]),  # at most B - k excluded: k stays fixed
+])
+def test_trim_rule_equals_brute_force_and_excludes_the_highest_losses(drop, k, excluded, selected):
+    score, loss = torch.tensor(HAND_SCORE), torch.tensor(HAND_LOSS)
+    assert brute_force_trim(HAND_SCORE, HAND_LOSS, k, drop) == (selected, excluded)
+    index = esam_timm.selection.TrimHighLoss(drop)(score, loss, k)
+    assert sorted(index.tolist()) == selected and len(index) == k
+    assert not set(index.tolist()) & set(excluded)
+
+
+def test_relative_rule_equals_brute_force():
+    score, loss = torch.tensor(HAND_SCORE), torch.tensor(HAND_LOSS)
+    ratio = [sc / lo for sc, lo in zip(HAND_SCORE, HAND_LOSS)]
+    expected = sorted(sorted(range(10), key=lambda i: -ratio[i])[:4])
+    assert expected == [2, 4, 5, 7]
+    index = esam_timm.selection.relative_to_loss(score, loss, 4)
+    assert sorted(index.tolist()) == expected
+    assert not {1, 6} & set(index.tolist())  # the largest rises, with the largest losses, are not taken
+
+
+def test_relative_rule_keeps_a_zero_loss_finite():
+    index = esam_timm.selection.relative_to_loss(torch.tensor([0.0, 0.2, 0.1]), torch.tensor([0.0, 1.0, 0.2]), 1)
+    assert index.tolist() == [2]
+
+
+def test_trim_rule_refuses_a_bad_share():
+    with pytest.raises(ValueError, match=r'drop=1.0 is invalid: it must be a share of the batch in \[0, 1\)'):
+        esam_timm.selection.TrimHighLoss(1.0)
+
+
+@pytest.mark.parametrize('mode', ['exact-trim', 'exact-relative', 'first-order-trim', 'first-order-relative'])
+def test_robust_modes_select_by_brute_force_through_train_step(mode):
+    """The second pass gets exactly the samples the rule picks from the mode's signal, computed here by
+    hand: exact sharpness from a hand-made ascent (or the first-order estimate), the clean losses."""
+    model = timm.create_model('test_resnet', num_classes=10)
+    x, y = batch()
+    loss_fn = PerSampleCrossEntropy()
+    keep = swp_keep_mask(torch.Generator().manual_seed(SEED), len(list(model.parameters())), BETA)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        clean = loss_fn(twin(x), y)
+    if mode.startswith('exact'):
+        params = list(twin.parameters())
+        grads = torch.autograd.grad(loss_fn(twin(x), y).mean(), params)
+        norm = torch.sqrt(sum((g ** 2).sum() for g, k in zip(grads, keep) if k))
+        with torch.no_grad():
+            for p, g, k in zip(params, grads, keep):
+                if k:
+                    p.add_(g * (RHO / (norm + 1e-7) / BETA))
+            signal = loss_fn(twin(x), y) - clean
+    else:
+        signal = brute_force_first_order(twin, x, y, loss_fn, keep)
+    k = 6
+    if mode.endswith('trim'):
+        expected, excluded = brute_force_trim(signal.tolist(), clean.tolist(), k, 0.2)
+        assert len(excluded) == 2
+    else:
+        ratio = (signal / clean).tolist()
+        expected = sorted(sorted(range(12), key=lambda i: -ratio[i])[:k])
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=RHO, beta=BETA, gamma=GAMMA, seed=SEED, sds=mode)
+    train_step(model, optimizer, x, y, loss_fn)
+    f3 = seen[-1]
+    assert f3.shape[0] == k
+    picked = sorted(next(i for i in range(12) if torch.equal(x[i], row)) for row in f3)
+    assert picked == expected
