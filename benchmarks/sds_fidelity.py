@@ -9,10 +9,12 @@ tensor's ``.grad`` holds its ascent ``e``, so the rule also scores, for the SAME
 
 - first-order: ``delta_i . (e_W h_i + e_b)``, the classifier layer's first-order loss rise, with
   ``h_i`` (classifier input) and the logits of the first forward F1 caught by a forward hook, and
-  ``delta_i = dl_i/dz_i`` from ``esam_timm.selection.logit_grad`` (the training step's own). Only defined
-  on steps where SWP drew the classifier weight (probability beta; ``e_b = 0`` when the bias was not
-  drawn). ``sds='first-order'`` training forces the classifier (weight and bias) into every draw
-  without changing the other tensors' draws, so these steps are the ones that mode would see.
+  ``delta_i = dl_i/dz_i`` from ``esam_timm.selection.logit_grad`` (the training step's own). On steps
+  where SWP drew the classifier, ``e`` is its ascent; on the others (probability 1 - beta) it is the
+  ascent the classifier would have had, along its own gradient ``sum_i delta_i h_i^T`` (the direction
+  ``sds='first-order'`` uses there; a positive scale does not change a ranking), while the exact
+  sharpness then saw no classifier perturbation at all. ``recall_first-order_undrawn`` reports those
+  steps alone.
 - loss: the clean loss ``l_i(w)`` of F1;
 - random: k samples drawn uniformly (recall@k expected gamma).
 
@@ -90,13 +92,16 @@ class FidelityProbe:
         if torch.is_grad_enabled():
             self.features, self.logits = args[0].detach(), output.detach()
 
-    def _first_order(self) -> Optional[torch.Tensor]:
-        """The first-order estimate at this step's ``e``; None when the classifier weight was not drawn."""
+    def _first_order(self) -> torch.Tensor:
+        """The first-order estimate at this step's ``e``; when the classifier was not drawn, along the
+        classifier's own gradient (what ``sds='first-order'`` does; the scale does not change a ranking)."""
+        delta = logit_grad(self.loss_fn, self.logits, self.targets)
         e_weight = self.classifier.weight.grad
         if e_weight is None:
-            return None
-        e_bias = self.classifier.bias.grad if self.classifier.bias is not None else None
-        delta = logit_grad(self.loss_fn, self.logits, self.targets)
+            e_weight = delta.t() @ self.features.flatten(1).float()
+        e_bias = None
+        if self.classifier.bias is not None:
+            e_bias = self.classifier.bias.grad if self.classifier.weight.grad is not None else delta.sum(0)
         return first_order_sharpness(delta, self.features, e_weight, e_bias)
 
     @torch.no_grad()
@@ -107,22 +112,24 @@ class FidelityProbe:
         exact = torch.topk(score, k).indices
         signals = {'first-order': self._first_order(), 'loss': clean_loss}
         record: Dict[str, Any] = {'epoch': self.epoch, 'k': k, 'batch': size,
-                                  'classifier_drawn': signals['first-order'] is not None,
+                                  'classifier_drawn': self.classifier.weight.grad is not None,
                                   'recall_random': recall_at_k(torch.randperm(size, generator=self.generator)[:k],
                                                                exact, size),
                                   'mislabelled_batch': float(self.mislabelled.float().mean()),
                                   'mislabelled_exact': float(self.mislabelled[exact].float().mean())}
         for name, signal in signals.items():
-            if signal is not None:
-                record[f'recall_{name}'] = recall_at_k(torch.topk(signal, k).indices, exact, size)
-                record[f'spearman_{name}'] = spearman(signal, score)
-                record[f'mislabelled_{name}'] = float(self.mislabelled[torch.topk(signal, k).indices].float().mean())
+            record[f'recall_{name}'] = recall_at_k(torch.topk(signal, k).indices, exact, size)
+            record[f'spearman_{name}'] = spearman(signal, score)
+            record[f'mislabelled_{name}'] = float(self.mislabelled[torch.topk(signal, k).indices].float().mean())
+        if not record['classifier_drawn']:
+            record['recall_first-order_undrawn'] = record['recall_first-order']
         self.records.append(record)
         return exact
 
 
-METRICS = [f'recall_{s}' for s in SIGNALS] + ['spearman_first-order', 'spearman_loss', 'mislabelled_batch',
-                                               'mislabelled_exact', 'mislabelled_first-order', 'mislabelled_loss']
+METRICS = [f'recall_{s}' for s in SIGNALS] + ['recall_first-order_undrawn', 'spearman_first-order', 'spearman_loss',
+                                               'mislabelled_batch', 'mislabelled_exact', 'mislabelled_first-order',
+                                               'mislabelled_loss']
 
 
 def summary_row(label: str, records: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -142,9 +149,9 @@ def fmt(value: Optional[float]) -> str:
 def markdown(rows: List[Dict[str, Any]]) -> str:
     """Markdown table of summary rows."""
     lines = ['| epoch | steps | classifier drawn | recall@k first-order | recall@k loss | recall@k random '
-             '| Spearman first-order | Spearman loss | mislabelled: batch | mislabelled in top-k: exact '
-             '| first-order | loss |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|']
+             '| recall@k first-order, classifier not drawn | Spearman first-order | Spearman loss '
+             '| mislabelled: batch | mislabelled in top-k: exact | first-order | loss |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         lines.append(f'| {r["epoch"]} | {r["steps"]} | {r["classifier_drawn"]} | '
                      + ' | '.join(fmt(r[key]) for key in METRICS) + ' |')
@@ -165,7 +172,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.train_size, args.test_size = 2, 256, 128
-    if esam_timm.num_selected(args.gamma, args.batch_size) == args.batch_size:
+    if esam_timm.num_selected(args.gamma, args.batch_size or 64) == (args.batch_size or 64):
         parser.error(f'gamma {args.gamma} keeps the whole batch: ESAM then makes no selection to measure')
     return args
 
@@ -177,9 +184,9 @@ def main() -> None:
     task_name = 'noisy' if args.noise > 0 else 'small'  # train size, epochs and noise: this script's flags
     task = make_tasks([task_name], args)[task_name]
     print(f'{task.name}: {len(task.train_y)} train ({task.noisy_labels} noisy labels), {len(task.test_y)} test, '
-          f'{args.img_size} px', flush=True)
+          f'{task.model}, {args.img_size} px', flush=True)
     torch.manual_seed(args.seed)
-    model = timm.create_model(args.model, num_classes=args.num_classes)
+    model = timm.create_model(task.model, num_classes=args.num_classes)
     optimizer = timm.optim.create_optimizer_v2(
         model, 'esam', lr=args.lr, weight_decay=args.weight_decay, momentum=0.9, base_optimizer='momentum',
         rho=args.rho, beta=args.beta, gamma=args.gamma, sds='exact', seed=args.seed)
@@ -197,12 +204,12 @@ def main() -> None:
                   f'random {fmt(row["recall_random"])}; {time.perf_counter() - start:.0f} s', flush=True)
         probe.epoch, probe.targets, probe.mislabelled = epoch, task.train_y[index], task.mislabelled[index]
 
-    stats = train(model, optimizer, task.train_x, task.train_y, epochs=args.epochs, batch_size=args.batch_size,
-                  lr=args.lr, pad=args.pad, seed=args.seed, before_step=before_step)
+    stats = train(model, optimizer, task.train_x, task.train_y, epochs=args.epochs, batch_size=task.batch_size,
+                  lr=args.lr, pad=args.pad, augment_mode=task.augment, seed=args.seed, before_step=before_step)
     top1 = evaluate(model, task.test_x, task.test_y)
     rows = [epoch_row(e) for e in range(args.epochs)] + [summary_row('all', probe.records)]
-    print(f'\nexact ESAM (beta {args.beta}, gamma {args.gamma}, k {probe.records[0]["k"]} of {args.batch_size}, '
-          f'rho {args.rho}), {args.model}, {args.img_size} px, {task.name} ({args.noise:.0%} label noise), '
+    print(f'\nexact ESAM (beta {args.beta}, gamma {args.gamma}, k {probe.records[0]["k"]} of {task.batch_size}, '
+          f'rho {args.rho}), {task.model}, {args.img_size} px, {task.name} ({args.noise:.0%} label noise), '
           f'{args.train_size} train, {args.epochs} epochs x {stats["steps"] // args.epochs} steps, '
           f'lr {args.lr} cosine: test top-1 {top1:.1f}%, {stats["train_s"]:.0f} s of training\n')
     print(markdown(rows), flush=True)

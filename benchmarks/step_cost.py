@@ -18,6 +18,7 @@ time ratio is per micro-batch, and its extra memory over the plain arm is what a
 import argparse
 import copy
 import ctypes
+import json
 import multiprocessing as mp
 import statistics
 import threading
@@ -42,11 +43,18 @@ METHODS: Dict[str, Dict] = {
     'esam-loss(0.5,0.4)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.4, sds='loss'),
     'esam-fo(0.5,0.3)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.3, sds='first-order'),
     'esam-fo(0.2,0.5)': dict(opt='esam', rho=0.02, beta=0.2, gamma=0.5, sds='first-order'),
+    # the noise-robust rules (their cost is their signal's) and the paper's ablations
+    'esam-trim(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='exact-trim'),
+    'esam-fo-trim(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='first-order-trim'),
+    'esam-swp-only(0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=1.0),
+    'esam-sds-only(0.5)': dict(opt='esam', rho=0.05, beta=1.0, gamma=0.5),
+    # Momentum-SAM: one forward/backward at w - rho v / ||v||
+    'msam': dict(opt='msam', rho=3.0),
     # gradient accumulation: 4 micro-batches of --batch-size per step (times are per micro-batch)
     'sgd/accum4': dict(opt='sgd', accum=4),
     'esam(0.5,0.5)/accum4': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, accum=4),
 }
-COMPILE_METHODS = ['sgd', 'esam(0.5,0.5)', 'esam-fo(0.5,0.5)']
+COMPILE_METHODS = ['sgd', 'sam', 'esam(0.5,0.5)', 'esam-fo(0.5,0.5)', 'msam']
 COMPILED = '+compile'
 
 
@@ -64,6 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--no-memory', action='store_true', help='skip the memory measurement')
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS),
                         help='methods to time, eager (default: all)')
+    parser.add_argument('--out', default=None, help='also write the table as JSON (for plot_tradeoff.py)')
     parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                         help=f'also time the methods among {" ".join(COMPILE_METHODS)} torch.compile-d '
                              f'(inductor), side by side with eager (default: on for cuda)')
@@ -220,15 +229,24 @@ def main() -> None:
           f'amp {args.amp_dtype}, channels_last {args.channels_last}, threads {torch.get_num_threads()}, '
           f'{args.steps} interleaved rounds; parameters {param_bytes / 2**20:.1f} MiB')
     print(f'{"arm":<27}{"median ms":>10}{"x SGD":>8}{"range":>13}{"peak mem MiB":>14}{"extra vs SGD MiB":>18}')
+    # each round's step time over the SGD step of the same round: noise common to a round cancels
+    ratios = {method: [a / accum_steps(method) / b for a, b in zip(t, times['sgd'])] for method, t in times.items()}
     for method, t in times.items():
-        # each round's step time over the SGD step of the same round: noise common to a round cancels
-        ratios = [a / accum_steps(method) / b for a, b in zip(t, times['sgd'])]
         mem = peak.get(method)
         mem_txt = f'{mem / 2**20:14.0f}{(mem - peak["sgd"]) / 2**20:18.0f}' if mem is not None else ''
-        print(f'{method:<27}{statistics.median(t) * 1e3:10.1f}{statistics.median(ratios):8.2f}'
-              f'{min(ratios):7.2f}-{max(ratios):<5.2f}{mem_txt}')
+        print(f'{method:<27}{statistics.median(t) * 1e3:10.1f}{statistics.median(ratios[method]):8.2f}'
+              f'{min(ratios[method]):7.2f}-{max(ratios[method]):<5.2f}{mem_txt}')
     if any(accum_steps(m) > 1 for m in times):
         print('/accum arms: median ms is per update (all micro-batches), x SGD per micro-batch')
+    if args.out:
+        rows = {method: dict(median_ms=statistics.median(t) * 1e3, x_sgd=statistics.median(ratios[method]),
+                             ratios=ratios[method], peak_mib=peak[method] / 2**20 if method in peak else None)
+                for method, t in times.items()}
+        config = {k: v for k, v in vars(args).items() if k != 'arms'}
+        with open(args.out, 'w') as f:
+            json.dump({'config': config, 'arms': rows, 'threads': torch.get_num_threads(),
+                       'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, f, indent=1)
+        print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':
