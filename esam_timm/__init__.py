@@ -9,7 +9,7 @@ _check_timm_version()
 
 from . import models  # registers resnet18_cifar in timm
 from .losses import PerSampleBinaryCrossEntropy, PerSampleCrossEntropy, create_per_sample_loss, per_sample_loss
-from .optim import ESAM, SAM, find_sam
+from .optim import DEFAULT_BETA, DEFAULT_GAMMA, ESAM, SAM, find_sam
 from .registry import register_optimizers
 from .selection import SDSMode, get_sds_mode, list_sds_modes, num_selected, register_sds_mode
 from .step import train_step
@@ -18,7 +18,7 @@ register_optimizers()
 
 __version__ = '0.1.0'
 __all__ = [
-    'ESAM', 'SAM', 'find_sam', 'train_step', 'register_optimizers', 'create_per_sample_loss',
-    'per_sample_loss', 'PerSampleCrossEntropy', 'PerSampleBinaryCrossEntropy', 'num_selected',
+    'ESAM', 'SAM', 'find_sam', 'DEFAULT_BETA', 'DEFAULT_GAMMA', 'train_step', 'register_optimizers',
+    'create_per_sample_loss', 'per_sample_loss', 'PerSampleCrossEntropy', 'PerSampleBinaryCrossEntropy', 'num_selected',
     'SDSMode', 'get_sds_mode', 'list_sds_modes', 'register_sds_mode',
 ]

@@ -9,19 +9,36 @@ Like timm's ``Lookahead``, the wrapper shares its base optimizer's ``param_group
 LR schedulers, ``zero_grad`` and GradScaler work on it unchanged, and ``state_dict()`` is the base
 optimizer's plus an ``'esam'`` entry with the SWP generator state.
 """
+import inspect
 import math
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch.optim import Optimizer
 
 from .selection import SDSMode, get_sds_mode
 
-__all__ = ['ESAM', 'SAM', 'find_sam']
+__all__ = ['ESAM', 'SAM', 'find_sam', 'DEFAULT_BETA', 'DEFAULT_GAMMA']
 
 ASCENT_EPS = 1e-7  # added to the gradient norm, as in the released code
 
+# ESAM's defaults, the one place they are written: ESAM(...), create_optimizer_v2(model, 'esam') and the
+# script's --opt esam all use them. The paper recommends beta 0.5-0.6 and gamma 0.5 (its ablations); the
+# released code's CIFAR ResNet-18 run, the setting its headline numbers come from, used beta 0.6, gamma 0.5.
+DEFAULT_BETA = 0.6
+DEFAULT_GAMMA = 0.5
+
+# Optimizers of this package that wrap a base optimizer: none of them can be a base optimizer itself.
+WRAPPER_NAMES = ('esam', 'sam', 'msam')
+
 ParamsT = Union[Iterator[torch.Tensor], Iterator[Dict[str, Any]], List[Any]]
+
+# Hook registries torch's Optimizer.__getstate__ leaves out of a copy (hooks are often closures that do not
+# pickle); __setstate__ recreates them empty.
+_TORCH_HOOK_ATTRS = (
+    '_optimizer_step_pre_hooks', '_optimizer_step_post_hooks', '_optimizer_state_dict_pre_hooks',
+    '_optimizer_state_dict_post_hooks', '_optimizer_load_state_dict_pre_hooks',
+    '_optimizer_load_state_dict_post_hooks')
 
 
 def _check_fraction(name: str, value: float) -> float:
@@ -30,53 +47,115 @@ def _check_fraction(name: str, value: float) -> float:
     return float(value)
 
 
+def _accepts(cls: Type[Optimizer], name: str) -> bool:
+    """Whether the optimizer class takes the keyword ``name`` (or any keyword)."""
+    parameters = inspect.signature(cls.__init__).parameters
+    return name in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+
+
 def _create_base_optimizer(
         params: ParamsT,
         base_optimizer: Union[str, Type[Optimizer]],
         lr: Optional[float],
         weight_decay: float,
-        momentum: float,
         foreach: Optional[bool],
         kwargs: Dict[str, Any],
+        owner: str = 'ESAM',
+        **common: Any,
 ) -> Optimizer:
     """Build the base optimizer: a timm registry name goes through timm's own factory (its kwargs
-    filtering and per-name defaults, e.g. Nesterov for 'sgd'); a class is called directly."""
+    filtering and per-name defaults, e.g. Nesterov for 'sgd'); a class is called directly.
+
+    ``common`` holds timm's common kwargs (``momentum``, ``eps``, ``betas``); each is passed on only when
+    given (not None), and then only where it means something: timm's factory drops it for a name whose
+    OptimInfo does not take it (momentum for AdamW, betas for SGD), and a class gets it only when its
+    signature has it, so a wrapper can take all three explicitly whatever its base.
+    """
+    given = {k: v for k, v in common.items() if v is not None}
     if isinstance(base_optimizer, str):
         from timm.optim import list_optimizers
         from timm.optim._optim_factory import default_registry
         name = base_optimizer.lower()
-        if name in ('esam', 'sam') or '_' in name or name not in default_registry.list_optimizers():
-            valid = [n for n in list_optimizers() if n not in ('esam', 'sam')]
+        if name in WRAPPER_NAMES or '_' in name or name not in default_registry.list_optimizers():
+            valid = [n for n in list_optimizers() if n not in WRAPPER_NAMES]
             raise ValueError(
-                f'Unknown ESAM base_optimizer {base_optimizer!r}: use a timm optimizer name '
+                f'Unknown {owner} base_optimizer {base_optimizer!r}: use a timm optimizer name '
                 f'(one of {", ".join(valid)}) or a torch.optim.Optimizer class.')
         return default_registry.create_optimizer(
-            params, name, lr=lr, weight_decay=weight_decay, momentum=momentum, foreach=foreach, **kwargs)
+            params, name, lr=lr, weight_decay=weight_decay, foreach=foreach, **given, **kwargs)
     if isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
         if lr is not None:
             kwargs['lr'] = lr
+        kwargs.update({k: v for k, v in given.items() if _accepts(base_optimizer, k)})
         return base_optimizer(params, weight_decay=weight_decay, **kwargs)
     raise ValueError(
-        f'ESAM base_optimizer={base_optimizer!r} is invalid: use a timm optimizer name (str) '
+        f'{owner} base_optimizer={base_optimizer!r} is invalid: use a timm optimizer name (str) '
         f'or a torch.optim.Optimizer subclass.')
 
 
-def _refuse_sharded_params(params: Sequence[torch.Tensor]) -> None:
-    """ESAM's ascent norm, perturb and restore act on whole local tensors; sharded ones would get a
-    per-shard norm and a wrong ascent, so they are refused (see docs/training.md, FSDP2)."""
+def _refuse_sharded_params(params: Sequence[torch.Tensor], owner: str = 'ESAM') -> None:
+    """The wrappers' norms, perturb and restore act on whole local tensors; sharded ones would get a
+    per-shard norm and a wrong perturbation, so they are refused (see docs/training.md, FSDP2)."""
     if not torch.distributed.is_available():
         return
     from torch.distributed.tensor import DTensor
     sharded = [p for p in params if isinstance(p, DTensor)]
     if sharded:
         raise NotImplementedError(
-            f'ESAM got {len(sharded)} sharded parameters (DTensor, e.g. from FSDP2 fully_shard or tensor '
-            f'parallelism): its ascent needs the global gradient norm and a whole-tensor perturb/restore, '
+            f'{owner} got {len(sharded)} sharded parameters (DTensor, e.g. from FSDP2 fully_shard or tensor '
+            f'parallelism): its perturbation needs a global norm and a whole-tensor perturb/restore, '
             f'which are not implemented for sharded parameters yet. Train with DDP (torchrun + '
             f'train_step), or see docs/training.md ("FSDP2") for the design.')
 
 
-class ESAM(Optimizer):
+class BaseOptimizerWrapper(Optimizer):
+    """What ESAM, SAM and MSAM share as wrappers of a base optimizer (as timm's ``Lookahead`` is).
+
+    They share the base optimizer's ``param_groups`` and ``state``, so LR schedulers, ``zero_grad`` and
+    GradScaler's unscale act on it. Copies (``copy.deepcopy``, ``pickle``) keep every attribute:
+    torch's ``Optimizer.__getstate__`` keeps only ``defaults``, ``state`` and ``param_groups``, which
+    would lose the base optimizer and the wrapper's settings; a copy made together with its parameters
+    continues exactly as the original.
+    """
+
+    base_optimizer: Optimizer
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in _TORCH_HOOK_ATTRS:
+            state.pop(name, None)
+        return state
+
+    @property
+    def is_second_order(self) -> bool:
+        return getattr(self.base_optimizer, 'is_second_order', False)
+
+    def _params(self) -> List[torch.Tensor]:
+        return [p for group in self.param_groups for p in group['params']]
+
+    @torch.no_grad()
+    def _unscale_and_check(self, found_inf: torch.Tensor) -> bool:
+        """Under GradScaler (``_step_supports_amp_scaling``): unscale the gradients if the scaler left them
+        scaled; True when the update may go ahead. ``bool(found_inf)`` syncs with the device, as
+        GradScaler's own skip decision does."""
+        grad_scale = getattr(self, 'grad_scale', None)
+        if grad_scale is not None:
+            grads = [p.grad for p in self._params() if p.grad is not None]
+            torch._foreach_mul_(grads, grad_scale.double().reciprocal().float())  # as GradScaler.unscale_
+        return not bool(found_inf)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The base optimizer's state dict (it loads into the plain base optimizer too)."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load into the base optimizer and share its new ``param_groups`` and ``state`` again."""
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+
+class ESAM(BaseOptimizerWrapper):
     """Efficient Sharpness-Aware Minimization around a base optimizer.
 
     Args:
@@ -86,22 +165,29 @@ class ESAM(Optimizer):
         rho: ascent radius; ``||e|| = rho / beta`` (the released code's scaling, which the paper's rho
             values assume).
         beta: SWP keep probability: each parameter tensor is drawn into the ascent with probability beta.
+            Default :data:`DEFAULT_BETA` (0.6, the paper's recommendation).
         gamma: SDS share of the batch used for the second forward/backward (k = max(1, round(gamma*B))).
+            Default :data:`DEFAULT_GAMMA` (0.5).
         sds: how SDS picks those samples (see :mod:`esam_timm.selection`): ``'exact'`` (the paper: an
             extra no-grad forward measures each sample's sharpness), ``'first-order'`` (the classifier
             layer's first-order estimate from the first pass, no extra forward) or ``'loss'`` (the
             highest clean losses, no extra forward); or a registered name / ``SDSMode``.
         adaptive: ASAM-style ascent ``e = rho * w^2 g / ||w g|| / beta``.
         seed: seed of the dedicated SWP generator; every DDP rank must use the same seed.
-        lr, weight_decay, momentum, foreach, **kwargs: passed to the base optimizer (timm filters
-            those the base optimizer does not take, e.g. momentum for AdamW).
+        allow_plain_steps: let :meth:`step` without an ascent since the last step apply a plain base
+            update (SAM-free warm-up epochs, gradients computed elsewhere) instead of raising. Off by
+            default, so a plain ``loss.backward(); optimizer.step()`` loop fails loudly.
+        lr, weight_decay, foreach, **kwargs: passed to the base optimizer.
+        momentum, eps, betas: timm's common kwargs, passed to the base optimizer when given and when it
+            takes them (timm's factory drops e.g. momentum for AdamW, betas for SGD).
 
     Three ways to run an update: :func:`esam_timm.train_step` (all of ESAM: SDS, AMP, DDP, gradient
     accumulation); ``step(closure)`` for closure-driven loops such as PyTorch Lightning's automatic
     optimisation (SAM with SWP; gamma must be 1); or by hand with :meth:`draw_swp`, :meth:`perturb`,
     :meth:`restore` and then :meth:`step`. ``step()`` refuses to run without an ascent since the last
-    step, so a plain ``loss.backward(); optimizer.step()`` loop fails loudly instead of training the
-    base optimizer alone.
+    step (unless ``allow_plain_steps``), so a plain ``loss.backward(); optimizer.step()`` loop fails
+    loudly instead of training the base optimizer alone; :class:`esam_timm.MSAM` is the sharpness-aware
+    optimizer for such loops.
     """
 
     # GradScaler.step hands optimizers with this flag the step itself, with ``grad_scale`` (None when
@@ -114,14 +200,17 @@ class ESAM(Optimizer):
             params: ParamsT,
             base_optimizer: Union[str, Type[Optimizer]] = 'sgd',
             rho: float = 0.05,
-            beta: float = 1.0,
-            gamma: float = 1.0,
+            beta: float = DEFAULT_BETA,
+            gamma: float = DEFAULT_GAMMA,
             sds: Union[str, SDSMode] = 'exact',
             adaptive: bool = False,
             seed: int = 0,
+            allow_plain_steps: bool = False,
             lr: Optional[float] = None,
             weight_decay: float = 0.0,
-            momentum: float = 0.9,
+            momentum: Optional[float] = None,
+            eps: Optional[float] = None,
+            betas: Optional[Tuple[float, ...]] = None,
             foreach: Optional[bool] = None,
             **kwargs: Any,
     ) -> None:
@@ -132,8 +221,9 @@ class ESAM(Optimizer):
         self.gamma = _check_fraction('gamma', gamma)
         self.sds = sds
         self.adaptive = bool(adaptive)
+        self.allow_plain_steps = bool(allow_plain_steps)
         self.base_optimizer = _create_base_optimizer(
-            params, base_optimizer, lr, weight_decay, momentum, foreach, kwargs)
+            params, base_optimizer, lr, weight_decay, foreach, kwargs, momentum=momentum, eps=eps, betas=betas)
         super().__init__(self.base_optimizer.param_groups, self.base_optimizer.defaults)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -157,13 +247,6 @@ class ESAM(Optimizer):
     def sds(self, mode: Union[str, SDSMode]) -> None:
         self.sds_mode = get_sds_mode(mode)  # validates; raises with the valid names
         self._sds = mode
-
-    @property
-    def is_second_order(self) -> bool:
-        return getattr(self.base_optimizer, 'is_second_order', False)
-
-    def _params(self) -> List[torch.Tensor]:
-        return [p for group in self.param_groups for p in group['params']]
 
     def draw_swp(self, always: Sequence[torch.Tensor] = ()) -> List[torch.Tensor]:
         """Draw the SWP subset for one step: the trainable tensors whose gradient the first backward needs.
@@ -254,28 +337,21 @@ class ESAM(Optimizer):
             return self._closure_step(closure)
         if self._perturbed:
             raise RuntimeError('ESAM.step() called while the weights are perturbed: call restore() first.')
-        if not self.ascent_taken:
+        if not self.ascent_taken and not self.allow_plain_steps:
             raise RuntimeError(
                 f'ESAM.step() was called with no ascent since the last step, so it would apply a plain '
                 f'{type(self.base_optimizer).__name__} update: a loop of loss.backward(); optimizer.step() '
                 f'does not run ESAM. Run each update with esam_timm.train_step(model, optimizer, inputs, '
                 f'targets, loss_fn), or pass a closure (optimizer.step(closure), gamma=1), or call '
                 f'draw_swp() / perturb() / restore() before step(). An fp16 GradScaler cannot drive a '
-                f'closure (scaler.step refuses closures): use train_step, or bf16.')
+                f'closure (scaler.step refuses closures): use train_step, or bf16. For sharpness-aware '
+                f'training in a plain loop use msam (Momentum-SAM); for deliberate plain steps (e.g. '
+                f'warm-up) set allow_plain_steps=True.')
         self.ascent_taken = False
         if found_inf is not None and not self._unscale_and_check(found_inf):
             return None  # an inf/nan gradient: skip the update, as GradScaler does
         self.base_optimizer.step()
         return None
-
-    @torch.no_grad()
-    def _unscale_and_check(self, found_inf: torch.Tensor) -> bool:
-        """Unscale the gradients if GradScaler left them scaled; True when the update may go ahead."""
-        grad_scale = getattr(self, 'grad_scale', None)
-        if grad_scale is not None:
-            grads = [p.grad for p in self._params() if p.grad is not None]
-            torch._foreach_mul_(grads, grad_scale.double().reciprocal().float())  # as GradScaler.unscale_
-        return not bool(found_inf)
 
     def _closure_step(self, closure: Callable[[], Any]) -> Any:
         """SAM with SWP around a closure: closure at w, perturb, closure at w + e, restore, step."""
@@ -314,23 +390,26 @@ class ESAM(Optimizer):
         generator then keeps its current state)."""
         state_dict = dict(state_dict)
         esam_state = state_dict.pop('esam', None)
-        self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
+        super().load_state_dict(state_dict)
         if esam_state is not None:
             self.generator.set_state(esam_state['generator_state'])
 
 
 class SAM(ESAM):
-    """Plain SAM (Foret et al. 2020): ESAM with beta = gamma = 1 (every tensor perturbed, full batch)."""
+    """Plain SAM (Foret et al. 2020): ESAM with beta = gamma = 1 (every tensor perturbed, full batch).
+
+    ``momentum``, ``eps`` and ``betas`` are explicit, as for ESAM, so timm's factory can tell from the
+    signature that they are taken (and passes them on to the base optimizer)."""
 
     def __init__(self, params: ParamsT, base_optimizer: Union[str, Type[Optimizer]] = 'sgd',
-                 rho: float = 0.05, beta: float = 1.0, gamma: float = 1.0, **kwargs: Any) -> None:
+                 rho: float = 0.05, beta: float = 1.0, gamma: float = 1.0, momentum: Optional[float] = None,
+                 eps: Optional[float] = None, betas: Optional[Tuple[float, ...]] = None, **kwargs: Any) -> None:
         if beta != 1.0 or gamma != 1.0:
             raise ValueError(
                 f'SAM takes beta=1 and gamma=1 (got beta={beta!r}, gamma={gamma!r}); use ESAM for '
                 f'other values.')
-        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+        super().__init__(params, base_optimizer, rho=rho, beta=1.0, gamma=1.0, momentum=momentum, eps=eps,
+                         betas=betas, **kwargs)
 
 
 def find_sam(optimizer: Optimizer) -> Optional[ESAM]:

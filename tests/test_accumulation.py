@@ -104,7 +104,7 @@ def test_clean_bn_mode_keeps_running_stats_as_the_micro_batches_f1_left_them():
 def test_fp16_overflow_in_any_micro_batch_skips_the_update_bitwise(overflow_call):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5))
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.05, gamma=0.5)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.05, beta=1.0, gamma=0.5)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8)
     calls = []
     model[1].weight.register_hook(
@@ -125,9 +125,9 @@ def test_fp16_accumulation_without_overflow_matches_fp32_accumulation():
     twin = copy.deepcopy(model)
     x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 5, (8,))
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8)
-    train_step(model, ESAM(model.parameters(), 'sgd', lr=0.1), x, y, PerSampleCrossEntropy(), accum_steps=2,
+    train_step(model, ESAM(model.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=1.0), x, y, PerSampleCrossEntropy(), accum_steps=2,
                scaler=scaler)  # a scaler without autocast: fp32 passes, scaled gradients
-    train_step(twin, ESAM(twin.parameters(), 'sgd', lr=0.1), x, y, PerSampleCrossEntropy(), accum_steps=2)
+    train_step(twin, ESAM(twin.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=1.0), x, y, PerSampleCrossEntropy(), accum_steps=2)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 

@@ -34,7 +34,8 @@ def lightning_closure(model: nn.Module, optimizer: torch.optim.Optimizer, x: tor
 
 
 def esam(model: nn.Module, **kwargs) -> ESAM:
-    return ESAM(model.parameters(), 'sgd', lr=LR, momentum=MOMENTUM, rho=RHO, beta=BETA, seed=SEED, **kwargs)
+    return ESAM(model.parameters(), 'sgd', lr=LR, momentum=MOMENTUM, rho=RHO, beta=BETA, gamma=1.0, seed=SEED,
+                **kwargs)
 
 
 @pytest.mark.parametrize('autocast,zero_grad', [(False, True), (False, False), (True, True)])
@@ -57,7 +58,7 @@ def test_closure_step_matches_train_step_with_gamma_1_on_the_same_draw(autocast,
 def test_closure_step_ascends_only_the_drawn_tensors():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=RHO, beta=BETA, seed=1)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=RHO, beta=BETA, gamma=1.0, seed=1)
     x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
     probe = torch.Generator().manual_seed(1)  # the draw the optimizer will make
     keep = (torch.rand(4, generator=probe) < BETA).tolist()
@@ -83,14 +84,14 @@ def test_closure_step_ascends_only_the_drawn_tensors():
 
 def test_closure_with_sds_is_refused_pointing_to_train_step():
     model = nn.Linear(4, 2)
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, gamma=0.5)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=0.5)
     with pytest.raises(ValueError, match=r'gamma=0.5.*esam_timm.train_step'):
         optimizer.step(lambda: 0.0)
 
 
 def test_bare_backward_then_step_raises_instead_of_training_sgd():
     model = timm.create_model('test_resnet', num_classes=10)
-    optimizer = timm.optim.create_optimizer_v2(model, 'esam', lr=0.1, rho=0.05)
+    optimizer = timm.optim.create_optimizer_v2(model, 'esam', lr=0.1, rho=0.05, beta=1.0, gamma=1.0)
     w = [p.detach().clone() for p in model.parameters()]
     x, y = batches(1)[0]
     F.cross_entropy(model(x), y).backward()  # the timm-style loop a new user writes
@@ -102,7 +103,7 @@ def test_bare_backward_then_step_raises_instead_of_training_sgd():
 
 def test_each_step_needs_its_own_ascent():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=1.0)
     x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
     train_step(model, optimizer, x, y, PerSampleCrossEntropy())
     F.cross_entropy(model(x), y).backward()
@@ -124,7 +125,7 @@ def test_each_step_needs_its_own_ascent():
 
 def test_skipped_fp16_update_leaves_no_ascent_for_a_later_bare_step():
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5))
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=1.0)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8)
     calls = []
     model[1].weight.register_hook(lambda g: g * float('inf') if calls.append(1) or len(calls) == 2 else g)
@@ -138,7 +139,7 @@ def test_skipped_fp16_update_leaves_no_ascent_for_a_later_bare_step():
 
 def test_fp16_grad_scaler_with_a_closure_is_refused():
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5))
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=1.0)
     scaler = torch.amp.GradScaler('cpu')
     x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 5, (8,))
 
@@ -166,7 +167,7 @@ def test_grad_scaler_step_unscales_and_skips_like_a_plain_optimizer(unscaled_fir
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5))
     twin = copy.deepcopy(model)
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.05)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.05, beta=1.0, gamma=1.0)
     reference = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     scalers = [torch.amp.GradScaler('cpu', init_scale=2.0 ** 10) for _ in range(2)]
     x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 5, (8,))
@@ -194,11 +195,11 @@ def _sharded_worker(rank: int, init_file: str) -> None:
     try:
         model = fully_shard(nn.Linear(4, 2))
         with pytest.raises(NotImplementedError, match=r'2 sharded parameters \(DTensor.*docs/training.md'):
-            ESAM(model.parameters(), 'sgd', lr=0.1)
+            ESAM(model.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=1.0)
         sgd = torch.optim.SGD(model.parameters(), lr=0.1)
         train_step(model, sgd, torch.randn(4, 4), torch.randint(0, 2, (4,)), PerSampleCrossEntropy())
         plain = nn.Linear(4, 2)
-        optimizer = ESAM(plain.parameters(), 'sgd', lr=0.1)
+        optimizer = ESAM(plain.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=1.0)
         fully_shard(plain)  # sharded after the optimizer was made: train_step refuses it
         with pytest.raises(NotImplementedError, match='sharded with FSDP'):
             train_step(plain, optimizer, torch.randn(4, 4), torch.randint(0, 2, (4,)), PerSampleCrossEntropy())

@@ -1,5 +1,7 @@
-"""ESAM as a torch optimizer: shared param_groups, schedulers, state_dict round trip, perturb/restore."""
+"""ESAM as a torch optimizer: shared param_groups, schedulers, state_dict round trip, perturb/restore, copies."""
+import copy
 import io
+import pickle
 
 import pytest
 from timm.scheduler import create_scheduler_v2
@@ -7,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from esam_timm import ESAM, train_step
+from esam_timm import DEFAULT_BETA, DEFAULT_GAMMA, ESAM, SAM, train_step
 from esam_timm.losses import PerSampleCrossEntropy
 
 
@@ -75,7 +77,7 @@ def test_swp_draws_are_reproducible_from_the_seed():
 
 def test_restore_is_bitwise_and_step_needs_it():
     net = model()
-    opt = ESAM(net.parameters(), 'sgd', lr=0.1, rho=0.3)
+    opt = ESAM(net.parameters(), 'sgd', lr=0.1, rho=0.3, beta=1.0, gamma=1.0)
     w = [p.detach().clone() for p in net.parameters()]
     x, y = data(0)
     F.cross_entropy(net(x), y).backward()
@@ -98,3 +100,47 @@ def test_plain_base_state_dict_loads_into_esam():
     opt.load_state_dict(sgd.state_dict())
     assert torch.equal(opt.state[next(net.parameters())]['momentum_buffer'],
                        sgd.state[next(net.parameters())]['momentum_buffer'])
+
+
+def test_defaults_are_the_papers_esam():
+    opt = ESAM(model().parameters())
+    assert (opt.beta, opt.gamma) == (DEFAULT_BETA, DEFAULT_GAMMA) == (0.6, 0.5)
+    sam = SAM(model().parameters())
+    assert (sam.beta, sam.gamma) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize('copy_fn', ['deepcopy', 'pickle'])
+@pytest.mark.parametrize('cls,kwargs', [(ESAM, dict(beta=0.5, gamma=0.5, sds='loss', seed=3)),
+                                        (SAM, dict(adaptive=True))])
+def test_copies_keep_every_attribute_and_continue_exactly(cls, kwargs, copy_fn):
+    """torch's Optimizer.__getstate__ keeps only defaults/state/param_groups; a copied ESAM must keep rho,
+    beta, gamma, the SWP generator, the base optimizer... and continue as the original (both copied
+    together with their parameters)."""
+    net = model()
+    opt = cls(net.parameters(), 'adamw', lr=0.01, rho=0.1, **kwargs)
+    for i in range(2):
+        train_step(net, opt, *data(i), PerSampleCrossEntropy())
+    copier = copy.deepcopy if copy_fn == 'deepcopy' else (lambda obj: pickle.loads(pickle.dumps(obj)))
+    net_copy, opt_copy = copier((net, opt))
+    assert {k for k in vars(opt_copy) if not k.startswith('_')} == {k for k in vars(opt) if not k.startswith('_')}
+    assert (opt_copy.rho, opt_copy.beta, opt_copy.gamma, opt_copy.adaptive, opt_copy.sds) == \
+        (opt.rho, opt.beta, opt.gamma, opt.adaptive, opt.sds)
+    assert type(opt_copy.base_optimizer) is torch.optim.AdamW
+    assert opt_copy.param_groups is opt_copy.base_optimizer.param_groups
+    assert opt_copy.state is opt_copy.base_optimizer.state
+    assert torch.equal(opt_copy.generator.get_state(), opt.generator.get_state())
+    for i in range(2, 4):
+        train_step(net, opt, *data(i), PerSampleCrossEntropy())
+        train_step(net_copy, opt_copy, *data(i), PerSampleCrossEntropy())
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), net_copy.parameters()))
+
+
+def test_allow_plain_steps_takes_a_base_step_without_an_ascent():
+    net, twin = model(), model()
+    opt = ESAM(net.parameters(), 'momentum', lr=0.1, allow_plain_steps=True)
+    reference = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    x, y = data(0)
+    for n, o in ((net, opt), (twin, reference)):
+        F.cross_entropy(n(x), y).backward()
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), twin.parameters()))

@@ -120,7 +120,7 @@ class Head(nn.Module):
 @pytest.mark.parametrize('sds', ['first-order', 'loss'])
 def test_f2_free_modes_run_no_extra_forward(sds):
     model = Head()
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, gamma=0.5, sds=sds)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=0.5, sds=sds)
     train_step(model, optimizer, torch.randn(10, 3, 4, 4), torch.randint(0, 5, (10,)), PerSampleCrossEntropy())
     assert model.calls == [(10, True), (5, True)]
 
@@ -136,7 +136,7 @@ def test_loss_mode_selects_the_highest_clean_losses():
         targets_seen.append(targets)
         return PerSampleCrossEntropy()(logits, targets)
 
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.5, gamma=0.3, sds='loss')
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.5, beta=1.0, gamma=0.3, sds='loss')
     stats = train_step(model, optimizer, x, y, loss_fn)
     top3 = torch.topk(clean, 3).indices
     assert torch.equal(targets_seen[-1], y[top3])
@@ -232,7 +232,7 @@ class ScaledHead(NoHead):
     (ScaledHead(), "classifier's output to be the model's output"),
 ])
 def test_first_order_refuses_heads_it_cannot_read(model, match):
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, gamma=0.5, sds='first-order')
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=0.5, sds='first-order')
     w = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=match):
         train_step(model, optimizer, torch.randn(4, 3, 4, 4), torch.randint(0, 5, (4,)), PerSampleCrossEntropy())
@@ -242,13 +242,13 @@ def test_first_order_refuses_heads_it_cannot_read(model, match):
 def test_unknown_sds_mode_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"Unknown SDS mode 'fast': valid modes are \['exact', 'first-order', 'loss', "
                                          r"'exact-trim', 'exact-relative', 'first-order-trim', 'first-order-relative'\]"):
-        ESAM(Head().parameters(), 'sgd', lr=0.1, sds='fast')
+        ESAM(Head().parameters(), 'sgd', lr=0.1, beta=1.0, gamma=1.0, sds='fast')
     with pytest.raises(ValueError, match="SDS signal 'f2' is invalid"):
         SDSMode('f2')
 
 
 def test_sds_through_timm_factory():
-    optimizer = timm.optim.create_optimizer_v2(Head(), 'esam', lr=0.1, gamma=0.5, sds='first-order')
+    optimizer = timm.optim.create_optimizer_v2(Head(), 'esam', lr=0.1, beta=1.0, gamma=0.5, sds='first-order')
     assert optimizer.sds == 'first-order' and optimizer.sds_mode.signal == 'first-order'
     assert not optimizer.sds_mode.needs_f2 and esam_timm.get_sds_mode('exact').needs_f2
 

@@ -53,7 +53,7 @@ def run_reference(model: nn.Module, data, rho: float, beta: float, gamma: float,
 def test_sam_matches_hand_written_sam(clip):
     model = float64_resnet()
     reference = run_reference(copy.deepcopy(model), batches(4, dtype=torch.float64), rho=0.05, beta=1.0, gamma=1.0, clip=clip)
-    optimizer = sgd_esam(model, rho=0.05)
+    optimizer = sgd_esam(model, rho=0.05, beta=1.0, gamma=1.0)
     for x, y in batches(4, dtype=torch.float64):
         stats = train_step(model, optimizer, x, y, PerSampleCrossEntropy(), clip_grad=clip)
         assert stats['num_selected'] == 16
@@ -105,7 +105,7 @@ class Recorder(nn.Module):
                                             (1.0, [(10, True), (10, True)])])
 def test_pass_order_and_f2_only_when_selecting(gamma, expected):
     model = Recorder()
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, gamma=gamma)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=gamma)
     train_step(model, optimizer, torch.randn(10, 3, 4, 4), torch.randint(0, 5, (10,)), PerSampleCrossEntropy())
     assert [c[:2] for c in model.calls] == expected
 
@@ -121,7 +121,7 @@ def test_exact_top_k_selection_on_soft_targets_keeps_channels_last():
         seen['index'] = esam_timm.selection.top_k(sharpness, clean_loss, k)
         return seen['index']
 
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.5, gamma=0.3,
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.5, beta=1.0, gamma=0.3,
                      sds=esam_timm.SDSMode('exact', rule))
 
     def loss_fn(logits, targets):
@@ -173,7 +173,7 @@ def test_swp_restricts_b1_to_drawn_tensors_without_touching_requires_grad():
 
 def test_ascent_uses_only_drawn_tensors_with_norm_rho_over_beta():
     model = Recorder()
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.2, beta=0.5, seed=11)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.2, beta=0.5, gamma=1.0, seed=11)
     keep = swp_keep_mask(torch.Generator().manual_seed(11), 4, 0.5)
     w = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 5, (8,))
@@ -193,7 +193,7 @@ def test_ascent_uses_only_drawn_tensors_with_norm_rho_over_beta():
 
 def test_adaptive_ascent_matches_asam_formula():
     model = Recorder()
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.3, adaptive=True)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.3, beta=1.0, gamma=1.0, adaptive=True)
     x, y = torch.randn(6, 3, 4, 4), torch.randint(0, 5, (6,))
     F.cross_entropy(model(x), y).backward()
     params = list(model.parameters())
@@ -218,7 +218,7 @@ def test_bn_clean_mode_keeps_f1_stats_and_all_mode_keeps_every_pass():
         model = tiny_resnet()
         bn = first_bn(model)
         probe = copy.deepcopy(model)
-        optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.05, gamma=0.5)
+        optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.05, beta=1.0, gamma=0.5)
         train_step(model, optimizer, x, y, PerSampleCrossEntropy(), bn_mode=mode)
         results[mode] = (bn.running_mean.clone(), bn.num_batches_tracked.item())
         with torch.no_grad():
@@ -242,7 +242,7 @@ class DropoutNet(nn.Module):
 @pytest.mark.parametrize('gamma', [0.5, 1.0])
 def test_dropout_masks_replayed_in_perturbed_forward(gamma):
     model = DropoutNet()
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, gamma=gamma)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=gamma)
     train_step(model, optimizer, torch.randn(12, 8), torch.randint(0, 4, (12,)), PerSampleCrossEntropy())
     f1, second = model.masks[0], model.masks[1]
     assert f1.float().mean() > 0.3  # dropout did drop
@@ -278,7 +278,7 @@ def test_bf16_autocast_perturbed_forward_sees_perturbed_weights():
         perturbed = F.cross_entropy(probe(x), y, reduction='none').float()
     hand_sharpness = (perturbed - clean).mean()
 
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=rho, gamma=0.5)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=rho, beta=1.0, gamma=0.5)
     stats = train_step(model, optimizer, x, y, PerSampleCrossEntropy(), amp_dtype=torch.bfloat16)
     assert hand_sharpness.item() > 0.05
     assert stats['sharpness'].item() == pytest.approx(hand_sharpness.item(), rel=0.05)
@@ -297,7 +297,7 @@ class InfGrad:
 
 def fp16_setup():
     model = Recorder()
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.05, gamma=0.5)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.05, beta=1.0, gamma=0.5)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8)
     return model, optimizer, scaler, torch.randn(8, 3, 4, 4), torch.randint(0, 5, (8,))
 
@@ -405,7 +405,8 @@ def test_a_failing_pass_leaves_the_weights_restored():
     def rule(sharpness, clean_loss, k):
         raise RuntimeError('boom')
 
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.5, gamma=0.5, sds=esam_timm.SDSMode('exact', rule))
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.5, beta=1.0, gamma=0.5,
+                     sds=esam_timm.SDSMode('exact', rule))
     w = [p.detach().clone() for p in model.parameters()]
 
     with pytest.raises(RuntimeError, match='boom'):
@@ -422,7 +423,7 @@ def test_a_failing_pass_leaves_the_weights_restored():
 ])
 def test_bad_options_are_named(options, match):
     model = Recorder()
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, gamma=0.5)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=0.5)
     with pytest.raises(ValueError, match=match):
         train_step(model, optimizer, torch.randn(4, 3, 4, 4), torch.randint(0, 5, (4,)), PerSampleCrossEntropy(),
                    **options)
@@ -430,7 +431,7 @@ def test_bad_options_are_named(options, match):
 
 def test_mean_loss_fn_is_refused_with_a_clear_message():
     model = Recorder()
-    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1)
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, beta=1.0, gamma=1.0)
     with pytest.raises(ValueError, match=r'per-sample losses of shape \[4\], got shape \(\)'):
         train_step(model, optimizer, torch.randn(4, 3, 4, 4), torch.randint(0, 5, (4,)), nn.CrossEntropyLoss())
 
