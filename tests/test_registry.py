@@ -1,4 +1,6 @@
 """timm factory registration: names, kwargs routing to the base optimizer, errors."""
+import inspect
+
 import pytest
 import timm
 import torch
@@ -6,18 +8,62 @@ import torch.nn as nn
 from timm.optim import Lamb, Lion, Lookahead
 
 import esam_timm
-from esam_timm import ESAM, SAM
-from esam_timm.registry import check_timm_version
+from esam_timm import DEFAULT_BETA, DEFAULT_GAMMA, ESAM, MSAM, SAM
+from esam_timm.registry import check_timm_version, is_msam, is_sam_family
 
 
 def model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
 
 
-def test_list_optimizers_shows_both_with_descriptions():
+def test_list_optimizers_shows_all_three_with_descriptions():
     listed = dict(timm.optim.list_optimizers('*sam*', with_description=True))
-    assert set(listed) == {'esam', 'sam'}
+    assert set(listed) == {'esam', 'sam', 'msam'}
     assert 'Efficient SAM' in listed['esam'] and 'Sharpness-Aware' in listed['sam']
+    assert 'Momentum-SAM' in listed['msam']
+    assert is_sam_family('lookahead_esam') and not is_sam_family('msam')
+    assert is_msam('lookahead_msam') and not is_msam('sam')
+
+
+def test_esam_means_the_papers_esam_everywhere():
+    """Issue 17: the factory's 'esam' is ESAM (beta, gamma < 1), not SAM at twice SGD's cost."""
+    opt = timm.optim.create_optimizer_v2(model(), 'esam', lr=0.1)
+    assert (opt.beta, opt.gamma) == (DEFAULT_BETA, DEFAULT_GAMMA) and opt.beta < 1 and opt.gamma < 1
+    direct = ESAM(model().parameters(), lr=0.1)
+    assert (direct.beta, direct.gamma) == (opt.beta, opt.gamma)
+    sam = timm.optim.create_optimizer_v2(model(), 'sam', lr=0.1)
+    assert (sam.beta, sam.gamma) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize('name', ['esam', 'sam', 'msam'])
+def test_common_kwarg_flags_match_the_signature(name):
+    """timm's test_optim_factory_common_kwargs: the OptimInfo flags say which of eps/betas/momentum the
+    class takes; the wrappers take all three (and pass them on to the base optimizer)."""
+    info = timm.optim.get_optimizer_info(name)
+    parameters = inspect.signature(timm.optim.get_optimizer_class(name, bind_defaults=False).__init__).parameters
+    for flag, kwarg in (('has_eps', 'eps'), ('has_betas', 'betas'), ('has_momentum', 'momentum')):
+        assert getattr(info, flag) is True and kwarg in parameters, (flag, kwarg)
+
+
+@pytest.mark.parametrize('name', ['esam', 'sam', 'msam'])
+def test_common_kwargs_reach_a_base_that_takes_them_and_are_dropped_otherwise(name):
+    adamw = timm.optim.create_optimizer_v2(model(), name, lr=0.01, eps=1e-6, betas=(0.5, 0.6), momentum=0.5,
+                                           base_optimizer='adamw')
+    assert all(g['betas'] == (0.5, 0.6) and g['eps'] == 1e-6 and 'momentum' not in g for g in adamw.param_groups)
+    sgd = timm.optim.create_optimizer_v2(model(), name, lr=0.01, eps=1e-6, betas=(0.5, 0.6), momentum=0.5)
+    assert all(g['momentum'] == 0.5 and 'betas' not in g and 'eps' not in g for g in sgd.param_groups)
+    cls = timm.optim.get_optimizer_class(name, bind_defaults=False)
+    direct = cls(model().parameters(), torch.optim.AdamW, lr=0.01, betas=(0.5, 0.6), momentum=0.5)
+    assert direct.param_groups[0]['betas'] == (0.5, 0.6)  # a class gets only what its signature takes
+
+
+def test_msam_and_lookahead_msam_from_the_factory():
+    opt = timm.optim.create_optimizer_v2(model(), 'msam', lr=0.1, weight_decay=1e-3, rho=2.0)
+    assert isinstance(opt, MSAM) and opt.rho == 2.0 and type(opt.base_optimizer) is torch.optim.SGD
+    assert sorted(g['weight_decay'] for g in opt.param_groups) == [0.0, 1e-3]
+    assert all(g['nesterov'] and g['momentum'] == 0.9 for g in opt.param_groups)
+    lookahead = timm.optim.create_optimizer_v2(model(), 'lookahead_msam', lr=0.1)
+    assert isinstance(lookahead, Lookahead) and esam_timm.find_msam(lookahead).rho == 3.0
 
 
 def test_create_optimizer_v2_builds_esam_over_nesterov_sgd_with_weight_decay_groups():
@@ -64,6 +110,7 @@ def test_lookahead_esam_and_sam():
     (dict(gamma=-0.5), r'gamma=-0\.5'),
     (dict(base_optimizer='sgdd'), r"Unknown ESAM base_optimizer 'sgdd'.*adamw"),
     (dict(base_optimizer='esam'), r"Unknown ESAM base_optimizer 'esam'"),
+    (dict(base_optimizer='msam'), r"Unknown ESAM base_optimizer 'msam'"),
     (dict(base_optimizer=42), r'base_optimizer=42 is invalid'),
 ])
 def test_bad_values_raise_value_error_naming_them(kwargs, match):
