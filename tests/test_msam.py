@@ -270,6 +270,32 @@ def test_forward_without_backward_is_undone_by_eval_and_by_step():
     assert_equal(snapshot(model), w)
 
 
+def test_forwards_it_cannot_see_give_plain_steps_and_one_warning(caplog):
+    model = mlp()
+    optimizer = MSAM(model.parameters(), 'sgd', rho=RHO, lr=LR, momentum=MOMENTUM)
+    model.eval()  # training in eval mode (e.g. to freeze BatchNorm): MSAM treats it as evaluation
+    for x, y in data(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        assert optimizer.step_stats()['perturb_norm'].item() == 0.0
+    warnings = [r for r in caplog.records if 'MSAM stepped without perturbing' in r.getMessage()]
+    assert len(warnings) == 1 and 'plain SGD step' in warnings[0].getMessage()
+
+
+def test_two_forwards_then_two_backwards_fail_loudly():
+    """Documented limit: the first backward's end restores w under the second graph, which autograd sees."""
+    model = mlp()
+    optimizer = MSAM(model.parameters(), 'sgd', rho=RHO, lr=LR, momentum=MOMENTUM)
+    (x, y), (x2, y2) = data(2)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    first, second = F.cross_entropy(model(x), y), F.cross_entropy(model(x2), y2)
+    first.backward()
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        second.backward()
+
+
 def test_gradient_accumulation_sees_one_w_tilde_and_steps_on_the_summed_gradient():
     model = mlp()
     optimizer = MSAM(model.parameters(), 'momentum', rho=RHO, lr=LR, momentum=MOMENTUM)
