@@ -18,7 +18,9 @@ forward pre-hook (installed while an MSAM exists):
 - safety nets: ``step()`` restores before stepping, and a forward in eval mode or under no_grad
   restores first if a training forward was never backwarded;
 - inside ``torch.compile`` tracing the hook does nothing: the outermost eager call (the compiled
-  module's wrapper) does the work, so compiled models train without recompiles;
+  module's wrapper) does the work, so compiled models train without recompiles; the root of an in-place
+  ``module.compile()``, whose hooks only run inside compiled code, runs them eagerly (a graph break
+  before and after its forward);
 - a forward run by a backward (activation checkpointing's recomputation) finds ``w~`` in place and does
   nothing.
 
