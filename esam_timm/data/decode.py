@@ -18,11 +18,14 @@ resampler. This path gives the same crops at about twice the images per CPU-seco
 
 Flips and colour jitter are batch operations (:mod:`esam_timm.data.batch_aug`). Data PIL cannot
 read raises PIL's error, as the PIL path does, so bad samples count the same.
+
+For decoding on the GPU (:mod:`esam_timm.data.gpu_decode`) a worker only reads the header and draws
+the crop (:class:`EncodedCrop`), and :func:`pack_encoded` ships a batch's JPEG bytes as one tensor.
 """
 import io
 import math
 import random
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,7 +33,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-__all__ = ['CropBox', 'FastResizedCrop', 'INTERPOLATIONS', 'draft_scale', 'resized_crop', 'sample_crop']
+__all__ = ['CropBox', 'EncodedBatch', 'EncodedCrop', 'EncodedImage', 'FastResizedCrop', 'INTERPOLATIONS', 'draft_scale',
+           'image_member', 'pack_encoded', 'resized_crop', 'sample_crop']
 
 CropBox = Tuple[int, int, int, int]  # (top, left, height, width) in the original image's pixels
 # timm's interpolation names this path supports; 'random' picks one of the first two per sample, as timm does.
@@ -159,3 +163,79 @@ class FastResizedCrop:
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={tuple(round(r, 4) for r in self.ratio)}, '
                 f'interpolation={self.interpolation})')
+
+
+def image_member(sample: Dict[str, Any], image_keys: Sequence[str]) -> bytes:
+    """The encoded bytes of a sample's first image member among ``image_keys``; KeyError when none."""
+    for key in image_keys:
+        if key in sample:
+            return sample[key]
+    raise KeyError(f'no image member among {list(image_keys)}')
+
+
+class EncodedImage(NamedTuple):
+    """One sample for device decoding: its bytes, the crop drawn for it, and where it came from."""
+    data: bytes
+    box: CropBox
+    interpolation: int  # index into INTERPOLATIONS[:2]
+    key: str
+    url: str
+
+
+class EncodedCrop:
+    """Worker side of GPU decoding: read the header (PIL, nothing decoded), draw timm's crop, keep the bytes.
+
+    Data whose header PIL cannot identify raises here, in the worker, and counts as a bad sample as
+    on the CPU path; data that breaks later (a truncated JPEG) is counted by the device decoder.
+    """
+
+    def __init__(self, size: Union[int, Sequence[int]], scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3. / 4., 4. / 3.), interpolation: str = 'bilinear',
+                 rng: Union[random.Random, object] = random) -> None:
+        self.crop = FastResizedCrop(size, scale, ratio, interpolation, rng)
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        return self.crop.size
+
+    def __call__(self, sample: Dict[str, Any], image_keys: Sequence[str]) -> EncodedImage:
+        data = image_member(sample, image_keys)
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+        crop = self.crop
+        box = sample_crop(width, height, crop.scale, crop.ratio, crop.rng)
+        interpolation = crop.interpolation
+        if interpolation == 'random':
+            interpolation = crop.rng.choice(INTERPOLATIONS[:2])
+        return EncodedImage(data, box, INTERPOLATIONS.index(interpolation), sample.get('__key__', '?'),
+                            sample.get('__url__', '?'))
+
+
+class EncodedBatch(NamedTuple):
+    """A batch of encoded images: ``data`` uint8 [sum of lengths] holds image k at
+    ``offsets[k]:offsets[k + 1]``; ``boxes`` int64 [B, 5] = (top, left, height, width, interpolation)."""
+    data: torch.Tensor
+    offsets: torch.Tensor
+    boxes: torch.Tensor
+    keys: List[str]
+    urls: List[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def images(self) -> List[torch.Tensor]:
+        """The encoded images as 1-D uint8 views of ``data`` (what ``decode_jpeg`` takes)."""
+        return list(self.data.split(self.offsets.diff().tolist()))
+
+
+def pack_encoded(samples: Sequence[Tuple[EncodedImage, int]]) -> Tuple[EncodedBatch, torch.Tensor]:
+    """Collate (EncodedImage, label) pairs into one :class:`EncodedBatch` and int64 labels [B].
+
+    One byte tensor per batch, not one per image: a DataLoader worker hands it over in one piece.
+    """
+    images = [s[0] for s in samples]
+    lengths = torch.tensor([0] + [len(im.data) for im in images], dtype=torch.int64)
+    data = torch.frombuffer(bytearray(b''.join(im.data for im in images)), dtype=torch.uint8)
+    boxes = torch.tensor([(*im.box, im.interpolation) for im in images], dtype=torch.int64)
+    batch = EncodedBatch(data, lengths.cumsum(0), boxes, [im.key for im in images], [im.url for im in images])
+    return batch, torch.tensor([s[1] for s in samples], dtype=torch.int64)

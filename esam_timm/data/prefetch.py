@@ -1,11 +1,13 @@
 """Device-side batch preparation: copy uint8 batches to the device and finish them there.
 
-Workers hand over uint8 images (4x less to copy than float32). :class:`DevicePrefetcher` copies
+Workers hand over uint8 images (4x less to copy than float32), or a loader hands over uint8 images
+already on the device (GPU decode). :class:`DevicePrefetcher` copies
 them from pinned memory with non-blocking transfers, converts to float, normalises, optionally
 applies timm's random erasing and Mixup/CutMix on the device, and returns channels-last tensors.
 On CUDA the next batch is prepared on a side stream while the caller computes on the current one;
 on the CPU the same steps run synchronously, so the class works everywhere.
 """
+import contextlib
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
@@ -112,8 +114,10 @@ class DevicePrefetcher:
                                   f'(labels must be in [0, {self.num_classes})): pass the --num-classes the data '
                                   f'has, or fix the labels')
         on_cuda = self.stream is not None
-        if on_cuda and not images.is_pinned():
-            images, targets = images.pin_memory(), targets.pin_memory()
+        if on_cuda and images.device.type == 'cpu' and not images.is_pinned():
+            images = images.pin_memory()
+        if on_cuda and targets.device.type == 'cpu' and not targets.is_pinned():
+            targets = targets.pin_memory()
         images = images.to(self.device, non_blocking=on_cuda)
         targets = targets.to(self.device, non_blocking=on_cuda)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -125,17 +129,19 @@ class DevicePrefetcher:
         return images, targets
 
     def _next(self, it: Iterator[Any]) -> Optional[Batch]:
-        """Fetch the next host batch (timing the wait) and start its preparation; None at the end."""
+        """Fetch the next host batch (timing the wait) and start its preparation; None at the end.
+
+        On CUDA both run on the side stream, so a loader that decodes on the device
+        (:class:`~esam_timm.data.gpu_decode.GpuDecodeLoader`) overlaps the compute of the current batch too.
+        """
         start = time.perf_counter()
-        try:
-            images, targets = next(it)[:2]
-        except StopIteration:
-            return None
-        finally:
-            self.data_wait_s += time.perf_counter() - start
-        if self.stream is None:
-            return self._prepare(images, targets)
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            try:
+                images, targets = next(it)[:2]
+            except StopIteration:
+                return None
+            finally:
+                self.data_wait_s += time.perf_counter() - start
             return self._prepare(images, targets)
 
     def __iter__(self) -> Iterator[Batch]:
