@@ -29,10 +29,11 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .prefetch import LabelRangeError
 from .report import DataReport
 from .sources import INFO_NAME, ShardSource
 from .tar import ShardReadError, describe_error, read_shard
@@ -51,9 +52,11 @@ _LOG_FIRST_BAD, _LOG_EVERY_BAD = 10, 100
 _MAX_CONSECUTIVE_BAD_SAMPLES = 1000
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
-# What a dataset hands to the DataLoader: (images, labels, bad data since the last item or None);
-# images and labels are None in the report-only item that closes a worker's stream.
-_Item = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[DataReport]]
+# What a dataset hands to the DataLoader: (images, labels, bad data since the last item or None, a fatal
+# error or None); images and labels are None in the item that closes a worker's stream. A label outside
+# the model's classes is a fatal error: it travels as text, so the trainer gets one message naming the
+# sample and its shard instead of a worker's traceback.
+_Item = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[DataReport], Optional[str]]
 
 
 class _Tally:
@@ -135,8 +138,13 @@ def _parse_label(sample: Dict[str, Any], label_key: str) -> int:
 def _decode_image(sample: Dict[str, Any], image_keys: Sequence[str]) -> Image.Image:
     for key in image_keys:
         if key in sample:
-            with Image.open(io.BytesIO(sample[key])) as img:
-                return img.convert('RGB')
+            data = sample[key]
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    return img.convert('RGB')
+            except UnidentifiedImageError:  # its own message names only the in-memory buffer
+                raise UnidentifiedImageError(f'the {key!r} member ({len(data)} bytes, starting {data[:8]!r}) is not '
+                                             f'an image format PIL can read') from None
     raise KeyError(f'no image member among {list(image_keys)}')
 
 
@@ -147,10 +155,12 @@ def _decode_samples(
         image_keys: Sequence[str],
         label_key: str,
         tally: _Tally,
+        num_classes: Optional[int] = None,
 ) -> Iterator[Tuple[torch.Tensor, int]]:
     """Decode, label and transform raw samples, skipping (and counting in ``tally``) the ones that fail.
 
-    Raises RuntimeError after many failures in a row: that is a broken source or configuration.
+    Raises RuntimeError after many failures in a row: that is a broken source or configuration; and
+    :class:`LabelRangeError` for a label outside ``[0, num_classes)``, naming the sample and its shard.
     """
     failures = 0
     for sample in samples:
@@ -166,6 +176,11 @@ def _decode_samples(
                     f'{sample.get("__url__")}: {exc!r}); check image_key={list(image_keys)} and '
                     f'label_key={label_key!r}') from exc
             continue
+        if num_classes is not None and not 0 <= label < num_classes:
+            raise LabelRangeError(
+                f'sample {sample.get("__key__")!r} of shard {sample.get("__url__")} has label {label}, outside the '
+                f'{num_classes} classes of the model (labels must be in [0, {num_classes})): pass the --num-classes '
+                f'the data has, or fix the labels')
         failures = 0
         yield image, label
 
@@ -245,7 +260,8 @@ class _WdsDataset(IterableDataset):
     """
 
     def __init__(self, source: ShardSource, *, batch_size: int, transform: Callable[[Image.Image], torch.Tensor],
-                 rank: int, world_size: int, image_keys: Sequence[str], label_key: str) -> None:
+                 rank: int, world_size: int, image_keys: Sequence[str], label_key: str,
+                 num_classes: Optional[int] = None) -> None:
         super().__init__()
         self.urls = list(source.urls)
         self.lengths: Dict[str, int] = dict(zip(self.urls, source.shard_lengths or ()))
@@ -255,19 +271,24 @@ class _WdsDataset(IterableDataset):
         self.world_size = world_size
         self.image_keys = list(image_keys)
         self.label_key = label_key
+        self.num_classes = num_classes
 
     def _batches(self, samples: Iterable[Dict[str, Any]], tally: _Tally, partial_batch: bool) -> Iterator[Batch]:
         decoded = _decode_samples(samples, transform=self.transform, image_keys=self.image_keys,
-                                  label_key=self.label_key, tally=tally)
+                                  label_key=self.label_key, tally=tally, num_classes=self.num_classes)
         return wds.batched(self.batch_size, collation_fn=collate, partial=partial_batch)(decoded)
 
     @staticmethod
     def _with_reports(batches: Iterable[Batch], tally: _Tally) -> Iterator[_Item]:
-        for images, labels in batches:
-            yield images, labels, tally.pop()
+        try:
+            for images, labels in batches:
+                yield images, labels, tally.pop(), None
+        except LabelRangeError as exc:
+            yield None, None, tally.pop(), str(exc)
+            return
         tail = tally.pop()
         if tail is not None:
-            yield None, None, tail
+            yield None, None, tail, None
 
 
 class WdsTrainDataset(_WdsDataset):
@@ -440,10 +461,13 @@ class WdsLoader:
         return self._batches(iter(self.loader), self._report)
 
     def _batches(self, items: Iterator[_Item], report: DataReport) -> Iterator[Batch]:
-        """Strip the reports off the workers' items into ``report``; count the good samples."""
-        for images, labels, delta in items:
+        """Strip the reports off the workers' items into ``report``; count the good samples; raise a
+        worker's :class:`~esam_timm.data.prefetch.LabelRangeError` here."""
+        for images, labels, delta, error in items:
             if delta is not None:
                 report.merge(delta)
+            if error is not None:
+                raise LabelRangeError(error)
             if images is not None and labels is not None:
                 report.samples += len(labels)
                 yield images, labels
@@ -484,6 +508,7 @@ def create_train_loader(
         shuffle_initial: Optional[int] = None,
         image_key: Union[str, Sequence[str]] = DEFAULT_IMAGE_KEY,
         label_key: str = DEFAULT_LABEL_KEY,
+        num_classes: Optional[int] = None,
         pin_memory: bool = False,
         prefetch_factor: int = 2,
         persistent_workers: bool = True,
@@ -509,6 +534,8 @@ def create_train_loader(
             per worker.
         image_key: image member name(s), ``;``-separated alternatives, e.g. ``"jpg;png"``.
         label_key: label member holding an integer as text (``"cls"``), or ``"json:field"``.
+        num_classes: when given, a label outside ``[0, num_classes)`` stops the iteration with
+            :class:`~esam_timm.data.prefetch.LabelRangeError` naming the sample and its shard.
         pin_memory, prefetch_factor, persistent_workers: passed to ``torch.utils.data.DataLoader``.
     """
     _check_loader_args(batch_size, num_workers, rank, world_size)
@@ -525,7 +552,7 @@ def create_train_loader(
         source, batches_per_rank=num_batches, batch_size=batch_size, transform=transform, seed=seed,
         rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
         shuffle_initial=shuffle_initial if shuffle_initial is not None else max(1, shuffle_buffer // 4),
-        image_keys=_image_keys(image_key), label_key=_check_label_key(label_key))
+        image_keys=_image_keys(image_key), label_key=_check_label_key(label_key), num_classes=num_classes)
     _logger.info('train loader %r: %d shards, %d samples, %d batches of %d per rank x %d ranks',
                  source.name, len(source.urls), source.num_samples, num_batches, batch_size, world_size)
     return WdsLoader(dataset, num_batches=num_batches, num_workers=num_workers, pin_memory=pin_memory,
@@ -548,6 +575,7 @@ def create_val_loader(
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         image_key: Union[str, Sequence[str]] = DEFAULT_IMAGE_KEY,
         label_key: str = DEFAULT_LABEL_KEY,
+        num_classes: Optional[int] = None,
         pin_memory: bool = False,
         prefetch_factor: int = 2,
         persistent_workers: bool = True,
@@ -558,7 +586,7 @@ def create_val_loader(
     collective per batch; sum the metrics once at the end with
     :func:`esam_timm.distributed.all_reduce_sum`. ``data_report()`` counts what the pass lost. ``crop_pct``,
     ``crop_mode``, ``interpolation``, ``mean``, ``std`` go to timm's eval transform; the other
-    arguments mean what they mean in :func:`create_train_loader`.
+    arguments (``num_classes`` too) mean what they mean in :func:`create_train_loader`.
     """
     _check_loader_args(batch_size, num_workers, rank, world_size)
     transform = create_transform(
@@ -566,7 +594,7 @@ def create_val_loader(
         mean=tuple(mean), std=tuple(std), use_prefetcher=True)
     dataset = WdsValDataset(
         source, batch_size=batch_size, transform=transform, rank=rank, world_size=world_size,
-        image_keys=_image_keys(image_key), label_key=_check_label_key(label_key))
+        image_keys=_image_keys(image_key), label_key=_check_label_key(label_key), num_classes=num_classes)
     num_batches = _val_batches_per_rank(source, batch_size, rank, world_size, num_workers)
     return WdsLoader(dataset, num_batches=num_batches, num_workers=num_workers, pin_memory=pin_memory,
                      prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,

@@ -173,7 +173,7 @@ def build_loaders(args: argparse.Namespace, sources: DataSources, data_config: D
             num_workers=args.workers, seed=args.seed, rank=rank, world_size=world_size,
             interpolation=train_interp, re_mode=args.remode, re_count=args.recount,
             mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem, persistent_workers=False,
-            **aug)
+            num_classes=sources.num_classes, **aug)
         train = DevicePrefetcher(train_raw, device, mean=data_config['mean'], std=data_config['std'],
                                  channels_last=args.channels_last, mixup_fn=mixup_fn, num_classes=sources.num_classes)
         val = None
@@ -182,7 +182,7 @@ def build_loaders(args: argparse.Namespace, sources: DataSources, data_config: D
                 sources.val, batch_size=val_batch, img_size=data_config['input_size'][1:],
                 crop_pct=data_config['crop_pct'], num_workers=args.workers, rank=rank, world_size=world_size,
                 interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-                pin_memory=args.pin_mem)
+                pin_memory=args.pin_mem, num_classes=sources.num_classes)
             val = DevicePrefetcher(raw_val, device, mean=data_config['mean'], std=data_config['std'],
                                    channels_last=args.channels_last, num_classes=sources.num_classes)
     else:
