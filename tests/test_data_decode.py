@@ -12,7 +12,7 @@ from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from esam_timm.data.batch_aug import BatchAugment, ColorJitterParams, apply_color_jitter, jitter_ranges
-from esam_timm.data.decode import FastResizedCrop, draft_scale, resized_crop, sample_crop
+from esam_timm.data.decode import FastResizedCrop, FastTrainTransform, draft_scale, resized_crop, sample_crop
 
 
 def photo_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
@@ -71,6 +71,29 @@ def test_fast_crop_draws_match_timm_with_random_interpolation():
         probe.choice(('bilinear', 'bicubic'))
         assert probe.getstate() == fast.rng.getstate()  # the decoder drew exactly the crop and the interpolation
     assert ours == [box for box, _ in chosen]
+
+
+@pytest.mark.parametrize('jitter,tolerance', [(None, 2), (0.4, 5)])
+def test_fast_train_transform_matches_timms_transform_sample_by_sample(jitter, tolerance):
+    """Same seeds -> the same crop, interpolation, flip and jitter draws as timm's create_transform (both
+    leave the RNGs in the same state), so each output is timm's within the resize's 1 grey level (2 for
+    bicubic), which jitter can scale: stated tolerance max 2 (5 with jitter), mean |diff| <= 0.2."""
+    from timm.data import create_transform
+    timm_transform = create_transform(64, is_training=True, color_jitter=jitter, interpolation='random',
+                                      use_prefetcher=True)
+    ours = FastTrainTransform(64, interpolation='random', color_jitter=jitter)
+    datas = [photo_jpeg(160, 120, seed=s) for s in range(12)]
+    outputs, states = [], []
+    for run in (lambda d: timm_transform(Image.open(io.BytesIO(d)).convert('RGB')), ours):
+        random.seed(7)
+        torch.manual_seed(7)
+        outputs.append([run(d) for d in datas])
+        states.append((random.getstate(), torch.get_rng_state()))
+    assert states[0][0] == states[1][0] and torch.equal(states[0][1], states[1][1])
+    for k, (e, g) in enumerate(zip(*outputs)):
+        assert g.shape == e.shape == (3, 64, 64) and g.dtype == torch.uint8
+        diff = (e.int() - g.int()).abs()
+        assert diff.max() <= tolerance and diff.float().mean() <= 0.2, (k, diff.max(), diff.float().mean())
 
 
 def test_draft_scale_is_the_largest_reduction_keeping_the_crop_at_output_size():

@@ -16,8 +16,10 @@ resampler. This path gives the same crops at about twice the images per CPU-seco
 - everything stays uint8 (normalisation happens on the device) and the result is a CHW view of HWC
   memory, which :func:`esam_timm.data.wds.collate` stacks without a transpose.
 
-Flips and colour jitter are batch operations (:mod:`esam_timm.data.batch_aug`). Data PIL cannot
-read raises PIL's error, as the PIL path does, so bad samples count the same.
+:class:`FastTrainTransform` adds timm's flips and colour jitter after the crop, with torchvision's own
+transforms in timm's order (the jitter on a PIL image: on the CPU that is faster than tensor ops), so
+with the same seeds every draw is timm's. Data PIL cannot read raises PIL's error, as the PIL path
+does, so bad samples count the same.
 
 For decoding on the GPU (:mod:`esam_timm.data.gpu_decode`) a worker only reads the header and draws
 the crop (:class:`EncodedCrop`), and :func:`pack_encoded` ships a batch's JPEG bytes as one tensor.
@@ -31,9 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
-__all__ = ['CropBox', 'EncodedBatch', 'EncodedCrop', 'EncodedImage', 'FastResizedCrop', 'INTERPOLATIONS', 'draft_scale',
+__all__ = ['CropBox', 'EncodedBatch', 'EncodedCrop', 'EncodedImage', 'FastResizedCrop', 'FastTrainTransform',
+           'INTERPOLATIONS', 'draft_scale',
            'image_member', 'pack_encoded', 'resized_crop', 'sample_crop']
 
 CropBox = Tuple[int, int, int, int]  # (top, left, height, width) in the original image's pixels
@@ -163,6 +167,43 @@ class FastResizedCrop:
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={tuple(round(r, 4) for r in self.ratio)}, '
                 f'interpolation={self.interpolation})')
+
+
+class FastTrainTransform:
+    """Encoded bytes -> uint8 [3, h, w]: timm's training transform (``create_transform(is_training=True)``
+    without auto-augment) on the fast decode path.
+
+    Crop (:class:`FastResizedCrop`), then torchvision's ``RandomHorizontalFlip``/``RandomVerticalFlip``
+    on the uint8 tensor and ``ColorJitter`` on a PIL image, each present when timm would add it: the
+    same draws from the same global RNGs in the same order as timm's transform.
+    """
+
+    def __init__(self, size: Union[int, Sequence[int]], scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3. / 4., 4. / 3.), interpolation: str = 'bilinear', hflip: float = 0.5,
+                 vflip: float = 0., color_jitter: Union[float, Sequence[float], None] = None) -> None:
+        self.crop = FastResizedCrop(size, scale, ratio, interpolation)
+        self.flips = [transforms.RandomHorizontalFlip(hflip)] if hflip > 0 else []
+        if vflip > 0:
+            self.flips.append(transforms.RandomVerticalFlip(vflip))
+        self.jitter = None
+        if color_jitter is not None:
+            values = (float(color_jitter),) * 3 if isinstance(color_jitter, (int, float)) else tuple(color_jitter)
+            if len(values) not in (3, 4):
+                raise ValueError(f'color_jitter {color_jitter!r}: give one value or 3 (brightness, contrast, '
+                                 f'saturation) or 4 (+ hue), as timm does')
+            self.jitter = transforms.ColorJitter(*values)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        image = self.crop(data)
+        for flip in self.flips:
+            image = flip(image)
+        if self.jitter is not None:
+            jittered = self.jitter(Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()))
+            image = _pil_to_chw(jittered)
+        return image
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({self.crop!r}, flips={self.flips}, jitter={self.jitter})'
 
 
 def image_member(sample: Dict[str, Any], image_keys: Sequence[str]) -> bytes:
