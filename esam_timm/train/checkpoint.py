@@ -2,28 +2,41 @@
 
 A run folder belongs to one run. :func:`claim_run_folder` never lets a new run write into a folder
 that holds another run's files: it picks the next free suffixed name (``<name>-1``, ``<name>-2``, ...,
-as timm's ``get_outdir(inc=True)`` does) unless the run resumes from a checkpoint in that folder, and
-it takes an exclusive lock that a second process asking for the same folder is refused by.
+as timm's ``get_outdir(inc=True)`` does), and a run resumed from a checkpoint of a run folder continues
+in that folder, whatever ``--experiment`` says. The folder is held under an exclusive lock that a second
+process asking for it is refused by; the lock is the trainer's alone (forked data-loader workers drop
+their copy), so it ends with the trainer, also on kill -9. :func:`find_resume_checkpoint` is
+``--resume auto``: the newest checkpoint of the experiment's folders whose run had the same settings.
 :class:`CheckpointManager` writes ``last.pth.tar`` every epoch, the best ``max_history`` epochs as
 ``checkpoint-<epoch>.pth.tar`` plus ``model_best.pth.tar``, and the latest recovery checkpoint; every
 file goes through :mod:`esam_timm.fileio`, so a crash never leaves a half-written one.
 """
+import glob
 import logging
 import math
 import os
+import re
+import shlex
 import socket
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+import weakref
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import yaml
 from torch import Tensor
 
-from esam_timm.fileio import atomic_copy, atomic_torch_save
+from esam_timm.fileio import atomic_copy, atomic_torch_save, remove_stale_tmp
 
-__all__ = ['CheckpointManager', 'RunFolder', 'RunFolderBusy', 'claim_run_folder', 'state_dict_mismatch', 'LOCK_NAME']
+__all__ = ['CheckpointManager', 'RunFolder', 'RunFolderBusy', 'claim_run_folder', 'find_resume_checkpoint',
+           'resume_command', 'state_dict_mismatch', 'LOCK_NAME', 'ARGS_NAME']
 
 _logger = logging.getLogger(__name__)
 
 LOCK_NAME = '.lock'
+ARGS_NAME = 'args.yaml'
+_CHECKPOINT_PATTERNS = ('last.pth.tar', 'recovery-*.pth.tar')
+
+_held: 'weakref.WeakSet[RunFolder]' = weakref.WeakSet()
 
 
 class RunFolderBusy(RuntimeError):
@@ -32,67 +45,214 @@ class RunFolderBusy(RuntimeError):
 
 class RunFolder:
     """A run folder held under an exclusive ``flock`` on ``<path>/.lock`` until :meth:`release` (or the
-    process ends: the kernel drops the lock of a killed process, so a crash never leaves it stuck)."""
+    process ends: the kernel drops the lock of a killed process, so a crash never leaves it stuck).
+
+    A forked child (a data-loader worker) closes its inherited copy of the lock at once: a flock lasts
+    as long as any process has the file open, and workers can outlive a killed trainer by seconds.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock_file: Optional[Any] = None
 
-    def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take the lock if no other process holds it; on success write this process into the lock file."""
         import fcntl
-        lock_path = os.path.join(self.path, LOCK_NAME)
-        handle = open(lock_path, 'a+')
+        handle = open(os.path.join(self.path, LOCK_NAME), 'a+')
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or 'another process'
             handle.close()
-            raise RunFolderBusy(
-                f'run folder {self.path} is in use by {owner}: wait for that run to end, or pass another '
-                f'--experiment (or --output) for this one') from None
+            return False
         handle.seek(0)
         handle.truncate()
         handle.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
         handle.flush()
         self._lock_file = handle
+        _held.add(self)
+        return True
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`RunFolderBusy` naming the process that holds it."""
+        if not self.try_acquire():
+            raise RunFolderBusy(
+                f'run folder {self.path} is in use by {_lock_owner(self.path)}: wait for that run to end, or pass '
+                f'another --experiment (or --output) for this one')
 
     def release(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()  # closing drops the flock
             self._lock_file = None
+            _held.discard(self)
+
+    def _drop_in_child(self) -> None:
+        """In a forked child: close this process's copy of the lock file; the parent keeps the lock."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def remove_stale_files(self) -> None:
+        """Remove what killed writers left (``*.tmp``); only under the lock, when no one else writes here."""
+        removed = remove_stale_tmp(self.path)
+        if removed:
+            _logger.warning('Removed %d temporary file(s) a killed write left in %s: %s', len(removed), self.path,
+                            ', '.join(removed))
+
+
+def _drop_inherited_locks() -> None:
+    for folder in list(_held):
+        folder._drop_in_child()
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _lock_owner(path: str) -> str:
+    try:
+        with open(os.path.join(path, LOCK_NAME)) as f:
+            return f.read().strip() or 'another process'
+    except OSError:
+        return 'another process'
 
 
 def _holds_a_run(path: str) -> bool:
-    return os.path.isdir(path) and any(name != LOCK_NAME for name in os.listdir(path))
+    """True when the folder holds more than a lock, the args.yaml of a run that wrote nothing else (it
+    died before its first checkpoint) and temporary files of killed writes."""
+    return os.path.isdir(path) and any(
+        name not in (LOCK_NAME, ARGS_NAME) and not name.endswith('.tmp') for name in os.listdir(path))
+
+
+def is_run_folder(path: str) -> bool:
+    """A folder a run of this trainer wrote (it holds ``args.yaml``)."""
+    return os.path.isfile(os.path.join(path, ARGS_NAME))
+
+
+def experiment_folders(root: str, name: str) -> List[str]:
+    """``root/name`` and its suffixed siblings ``root/name-<n>`` that exist, in suffix order."""
+    base = os.path.join(root, name)
+    suffixed = []
+    for path in glob.glob(glob.escape(base) + '-*'):
+        match = re.fullmatch(r'-(\d+)', path[len(base):])
+        if match and os.path.isdir(path):
+            suffixed.append((int(match.group(1)), path))
+    return ([base] if os.path.isdir(base) else []) + [path for _, path in sorted(suffixed)]
+
+
+def newest_checkpoint(folder: str) -> Optional[str]:
+    """The most recently written ``last.pth.tar`` or ``recovery-*.pth.tar`` of a run folder, or None."""
+    paths = [p for pattern in _CHECKPOINT_PATTERNS for p in glob.glob(os.path.join(glob.escape(folder), pattern))]
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def _settings_differ(folder: str, settings: Mapping[str, Any], ignored: Collection[str]) -> List[str]:
+    """The settings (other than ``ignored``) in which the run of ``folder`` differs from ``settings``,
+    as ``key: theirs -> ours``; keys only one side has are not compared."""
+    try:
+        with open(os.path.join(folder, ARGS_NAME)) as f:
+            theirs = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return [f'{ARGS_NAME} unreadable']
+    return [f'{key}: {theirs[key]!r} -> {value!r}' for key, value in sorted(settings.items())
+            if key not in ignored and key in theirs and theirs[key] != value]
+
+
+def find_resume_checkpoint(root: str, name: str, settings: Mapping[str, Any],
+                           ignored: Collection[str]) -> Optional[str]:
+    """``--resume auto``: the newest checkpoint among ``root/name`` and ``root/name-<n>`` whose run had
+    ``settings`` (``args.yaml`` equal except for the ``ignored`` keys), or None (start a new run).
+
+    Folders of the experiment with other settings (a sweep over a config that pins ``experiment``) are
+    passed over with a warning saying how they differ.
+    """
+    candidates = []
+    for folder in experiment_folders(root, name):
+        checkpoint = newest_checkpoint(folder)
+        if checkpoint is None:
+            continue
+        differ = _settings_differ(folder, settings, ignored)
+        if differ:
+            _logger.warning('--resume auto: passing over %s, whose run had other settings (%s)', checkpoint,
+                            ', '.join(differ[:5]) + (', ...' if len(differ) > 5 else ''))
+            continue
+        candidates.append(checkpoint)
+    return max(candidates, key=os.path.getmtime) if candidates else None
 
 
 def claim_run_folder(root: str, name: str, resume: str = '') -> RunFolder:
-    """Create (or reuse) the run folder ``root/name`` for this run and lock it.
+    """Create (or reuse) the run folder for this run and lock it.
 
-    The folder is reused when it is empty or when ``resume`` is a checkpoint inside it (the run goes
-    on where it stopped). A folder holding another run's files is left alone: this run gets the first
-    free ``name-<n>``, created atomically so that two runs started together never share one.
+    A run resumed from a checkpoint continues in the checkpoint's folder when that is a run folder (or
+    is ``root/name``): the lock then refuses the resume while another process runs there. Otherwise the
+    run gets ``root/name``, or the first ``name-<n>`` that is free, when ``root/name`` holds another run;
+    a folder left by a run that died before writing anything but ``args.yaml`` is reused. Stale
+    temporary files of killed writes are removed once the folder is locked.
     """
-    os.makedirs(root, exist_ok=True)
     path = os.path.join(root, name)
-    resumes_here = bool(resume) and os.path.realpath(os.path.dirname(resume)) == os.path.realpath(path)
-    if _holds_a_run(path) and not resumes_here:
-        suffix = 1
+    resume_dir = (os.path.dirname(resume) or os.curdir) if resume else ''
+    if resume_dir and (is_run_folder(resume_dir) or os.path.realpath(resume_dir) == os.path.realpath(path)):
+        if os.path.realpath(resume_dir) != os.path.realpath(path):
+            _logger.info('Resuming the run in %s (the folder of --resume %s)', resume_dir, resume)
+        folder = RunFolder(resume_dir)
+        folder.acquire()
+    else:
+        os.makedirs(root, exist_ok=True)
+        suffix, taken = 0, []
         while True:
-            candidate = f'{path}-{suffix}'
-            try:
-                os.mkdir(candidate)
-                break
-            except FileExistsError:
-                suffix += 1
-        _logger.warning('Run folder %s holds another run; this run writes to %s (to continue that run, '
-                        'pass --resume %s)', path, candidate, os.path.join(path, 'last.pth.tar'))
-        path = candidate
-    os.makedirs(path, exist_ok=True)
-    folder = RunFolder(path)
-    folder.acquire()
+            candidate = path if suffix == 0 else f'{path}-{suffix}'
+            os.makedirs(candidate, exist_ok=True)
+            folder = RunFolder(candidate)
+            if folder.try_acquire():
+                if not _holds_a_run(candidate):
+                    break
+                folder.release()
+            taken.append(candidate)
+            suffix += 1
+        if taken:
+            _warn_taken(taken, candidate)
+    folder.remove_stale_files()
     return folder
+
+
+def _warn_taken(taken: Sequence[str], chosen: str) -> None:
+    """Say where a new run went instead, and how to continue the newest of the runs already there."""
+    newest = [c for c in (newest_checkpoint(f) for f in taken) if c is not None]
+    hint = ''
+    if newest:
+        latest = max(newest, key=os.path.getmtime)
+        hint = (f'; to continue the latest of them instead, pass --resume {latest} (or --resume auto, which '
+                f'picks the latest run with the same settings)')
+    _logger.warning('Run folder%s %s hold%s other runs; this run writes to %s%s', 's' if len(taken) > 1 else '',
+                    ', '.join(taken), '' if len(taken) > 1 else 's', chosen, hint)
+
+
+def resume_command(checkpoint: str, argv: Optional[Sequence[str]], args_file: str) -> str:
+    """The shell command that resumes this run from ``checkpoint``.
+
+    ``argv`` is the script's command line (``sys.argv``); any ``--resume`` in it is replaced. Without it
+    (a Trainer built in Python) the run's ``args.yaml`` stands for the flags. Under torchrun the launcher
+    is repeated with this node's process count (several nodes: add your rendezvous options).
+    """
+    if argv is None:
+        script, flags = 'train_esam.py', ['-c', args_file]
+    else:
+        script, flags, skip = argv[0], [], False
+        for token in argv[1:]:
+            if skip:
+                skip = False
+            elif token == '--resume':
+                skip = True
+            elif not token.startswith('--resume='):
+                flags.append(token)
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    local = int(os.environ.get('LOCAL_WORLD_SIZE', str(world)))
+    if world == 1:
+        launcher = 'python'
+    elif world == local:
+        launcher = f'torchrun --standalone --nproc_per_node {local}'
+    else:
+        launcher = f'torchrun --nnodes {world // local} --nproc_per_node {local} <your rendezvous options>'
+    return f'{launcher} {shlex.join([script, *flags, "--resume", checkpoint])}'
 
 
 def state_dict_mismatch(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> str:
@@ -117,7 +277,11 @@ def remove_if_exists(path: str) -> None:
 
 class CheckpointManager:
     """``last.pth.tar`` every epoch, the best ``max_history`` epochs as ``checkpoint-<epoch>.pth.tar``
-    plus ``model_best.pth.tar``, and the latest ``recovery-<epoch>-<batch>.pth.tar``."""
+    plus ``model_best.pth.tar``, and the latest ``recovery-<epoch>-<batch>.pth.tar``.
+
+    The trainer checks on every rank that the weights are finite before it hands a state here, so
+    nothing written (``model_best`` included) holds NaN or inf.
+    """
 
     def __init__(self, output_dir: str, max_history: int, decreasing: bool) -> None:
         self.output_dir = output_dir
@@ -128,6 +292,13 @@ class CheckpointManager:
 
     def _path(self, name: str) -> str:
         return os.path.join(self.output_dir, name)
+
+    @property
+    def last_path(self) -> str:
+        return self._path('last.pth.tar')
+
+    def recovery_path(self, epoch: int, batches_done: int) -> str:
+        return self._path(f'recovery-{epoch}-{batches_done}.pth.tar')
 
     def _better(self, a: float, b: float) -> bool:
         return a < b if self.decreasing else a > b
@@ -146,7 +317,7 @@ class CheckpointManager:
             history.sort(key=lambda h: h[0], reverse=not self.decreasing)
         dropped, history = history[self.max_history:], history[:self.max_history]
         state['checkpoint_history'] = [list(h) for h in history]
-        last = self._path('last.pth.tar')
+        last = self.last_path
         atomic_torch_save(state, last)
         self.history = history
         if keep:
@@ -161,7 +332,7 @@ class CheckpointManager:
     def save_recovery(self, state: Dict[str, Any], epoch: int, batches_done: int) -> str:
         """Write a mid-epoch recovery checkpoint; the previous one is removed once this one exists."""
         state['checkpoint_history'] = [list(h) for h in self.history]
-        path = self._path(f'recovery-{epoch}-{batches_done}.pth.tar')
+        path = self.recovery_path(epoch, batches_done)
         atomic_torch_save(state, path)
         previous, self.last_recovery = self.last_recovery, path
         if previous and previous != path:
