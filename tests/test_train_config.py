@@ -247,7 +247,7 @@ def test_timm_args_yaml_loads_with_one_warning(caplog):
     with open(TIMM_ARGS) as f:
         timm_args = yaml.safe_load(f)
     with caplog.at_level(logging.WARNING, logger=CONFIG_LOGGER):
-        args, _ = parse_args(['-c', TIMM_ARGS, '--data-dir', 'd'])
+        args, _ = parse_args(['-c', TIMM_ARGS, '--data-dir', 'd', '--device', 'cpu'])  # its device: cuda may be absent
     ours = set(vars(args))
     ignored = sorted(set(timm_args) - ours)
     assert len(ignored) == 50
@@ -255,9 +255,9 @@ def test_timm_args_yaml_loads_with_one_warning(caplog):
                 'model_ema_force_cpu', 'drop_block', 'head_init_scale', 'head_init_bias', 'layer_decay_min_scale',
                 'layer_decay_no_opt_scale', 'fast_norm'}
     assert honoured <= ours and not honoured & set(ignored)
-    for key in sorted(set(timm_args) & ours - {'data_dir'}):
+    for key in sorted(set(timm_args) & ours - {'data_dir', 'device'}):
         assert getattr(args, key) == timm_args[key], key
-    assert (args.dist_bn, args.opt, args.dataset, args.device) == ('reduce', 'sgd', '', 'cuda')
+    assert (args.dist_bn, args.opt, args.dataset) == ('reduce', 'sgd', '')
     (warning,) = _warnings(caplog)
     assert f"config file {TIMM_ARGS!r}: ignoring 50 timm train.py keys this script does not implement: " \
            f"{', '.join(ignored)}" == warning
@@ -272,7 +272,7 @@ def test_timm_config_with_changed_values_and_old_keys(tmp_path, caplog):
                        model_ema=True, model_ema_force_cpu=True, drop_block=0.1, layer_decay=0.65,
                        layer_decay_min_scale=0.05, aug_repeats=3, native_amp=True, apex_amp=False)
     with caplog.at_level(logging.WARNING, logger=CONFIG_LOGGER):
-        args, _ = parse_args(['-c', cfg, '--data-dir', str(tmp_path), '--val-interval', '2'])
+        args, _ = parse_args(['-c', cfg, '--data-dir', str(tmp_path), '--val-interval', '2', '--device', 'cpu'])
     assert (args.dist_bn, args.val_interval, args.torchcompile, args.torchcompile_mode) == \
            ('broadcast', 2, 'inductor', 'reduce-overhead')
     assert args.grad_checkpointing and args.model_ema_force_cpu and args.class_map == 'classes.txt'
@@ -342,3 +342,11 @@ def test_shipped_configs_load_without_warnings(path, caplog, capsys):
         except SystemExit:  # recipes for models timm lacks: test_shipped_configs_parse checks the message
             capsys.readouterr()
     assert _warnings(caplog) == []
+
+
+def test_esam_defaults_are_the_optimizers():
+    """--esam-beta/--esam-gamma, ESAM() and create_optimizer_v2(model, 'esam') share one definition."""
+    from esam_timm.optim import DEFAULT_BETA, DEFAULT_GAMMA
+    from esam_timm.train import build_parser
+    parser = build_parser()
+    assert parser.get_default('esam_beta') is DEFAULT_BETA and parser.get_default('esam_gamma') is DEFAULT_GAMMA

@@ -20,11 +20,12 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, Set, Tuple
 
 import yaml
 
+from esam_timm.optim import DEFAULT_BETA, DEFAULT_GAMMA
 from esam_timm.registry import SAM_FAMILY, is_sam_family, optimizer_kind
 from esam_timm.selection import list_sds_modes
 from esam_timm.step import BN_MODES, CLIP_MODES
 
-__all__ = ['build_parser', 'parse_args', 'validate_args', 'args_to_yaml']
+__all__ = ['build_parser', 'parse_args', 'validate_args', 'args_to_yaml', 'RESUME_AUTO', 'RESUME_FREE_FLAGS']
 
 _AMP_DTYPES = ('bfloat16', 'float16')
 _EVAL_METRICS = ('top1', 'top5', 'loss')
@@ -59,6 +60,16 @@ _TIMM_IGNORED: Dict[str, Any] = {
     'variable_batch_loss_scale': 'none', 'worker_seeding': 'all',
     'amp_impl': 'native', 'aot_autograd': False, 'apex_amp': False, 'native_amp': False,
 }
+
+RESUME_AUTO = 'auto'
+# Flags a resumed run may set differently from the run it continues (where it runs, what it logs, how
+# long it goes on): --resume auto compares every other flag with the candidate run's args.yaml.
+RESUME_FREE_FLAGS = (
+    'resume', 'no_resume_opt', 'start_epoch', 'epochs', 'experiment', 'output', 'data', 'data_dir', 'device',
+    'workers', 'pin_mem', 'no_progress', 'log_interval', 'recovery_interval', 'checkpoint_hist', 'val_interval',
+    'max_bad_fraction', 'max_nonfinite', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id',
+    'sharpness_interval', 'sharpness_batches', 'sharpness_rho', 'sharpness_iters',
+)
 
 # Flags that do nothing unless another is on: (flag dest, the dest it needs).
 _NEEDS = (
@@ -130,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--initial-checkpoint', default='', metavar='FILE',
                        help='load these model weights before training (no optimizer state)')
     group.add_argument('--resume', default='', metavar='FILE',
-                       help='resume the full training state from a checkpoint')
+                       help='resume the full training state from a checkpoint and continue its run in that '
+                            'checkpoint\'s folder; "auto": the newest checkpoint of --experiment (suffixed folders '
+                            '<name>-N included) whose run had the same settings, or a new run when there is none')
     group.add_argument('--no-resume-opt', action='store_true', default=False,
                        help='with --resume, do not restore optimizer, scaler and scheduler state')
     group.add_argument('--num-classes', type=int, default=None, metavar='N')
@@ -190,10 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--opt-kwargs', nargs='*', default={}, type=_kv_pair, metavar='K=V',
                        help='extra optimizer keyword arguments')
     group.add_argument('--rho', type=float, default=0.05, help='ESAM/SAM perturbation radius')
-    group.add_argument('--esam-beta', type=float, default=0.6,
-                       help='ESAM share of weight tensors perturbed (SWP); 1 = all')
-    group.add_argument('--esam-gamma', type=float, default=0.5,
-                       help='ESAM share of samples kept for the second pass (SDS); 1 = all')
+    group.add_argument('--esam-beta', type=float, default=DEFAULT_BETA,
+                       help='ESAM share of weight tensors perturbed (SWP); 1 = all; the default is the paper\'s, '
+                            'shared with ESAM() and create_optimizer_v2(model, \'esam\')')
+    group.add_argument('--esam-gamma', type=float, default=DEFAULT_GAMMA,
+                       help='ESAM share of samples kept for the second pass (SDS); 1 = all; the default is the '
+                            'paper\'s')
     group.add_argument('--esam-sds', type=str, default='exact', metavar='MODE',
                        help="how ESAM picks the samples of its second pass: 'exact' (the paper: an extra "
                             "no-grad forward measures each sample's sharpness), 'first-order' (an estimate "
@@ -298,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--val-interval', type=int, default=1, metavar='N',
                        help='validate and rank checkpoints every N epochs (and after the last one)')
     group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
-                       help='write a recovery checkpoint every N updates (0 = off)')
+                       help='write a recovery checkpoint every N updates (0 = off; SIGINT/SIGTERM always write one)')
+    group.add_argument('--max-nonfinite', type=int, default=5, metavar='N',
+                       help='an update whose loss or gradient is not finite is skipped, never applied; stop the run '
+                            'after N such updates in a row (0 turns the check off, saving its host sync per update)')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
                        help='number of best checkpoints to keep')
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loader workers')
@@ -308,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--no-ddp-bb', action='store_true', default=False,
                        help='DDP without broadcast_buffers')
     group.add_argument('--device', default='', type=str,
-                       help="device, default: cuda if available else cpu")
+                       help="cpu, cuda or cuda:N; default: cuda if available, else cpu")
     group.add_argument('--output', default='', type=str, metavar='PATH',
                        help='output root (default ./output/train)')
     group.add_argument('--experiment', default='', type=str, metavar='NAME',
@@ -326,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 _VALUE_NAMES = {int: ('an integer', 'integers'), float: ('a number', 'numbers'), str: ('a string', 'strings'),
                 _kv_pair: ("a 'key=value' string", "'key=value' strings")}
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Exit with code 2 and argparse's error line, without the usage: the value parsed, it is invalid."""
+    parser.exit(2, f'{parser.prog}: error: {message}\n')
 
 
 def _expected(action: argparse.Action) -> str:
@@ -360,7 +383,7 @@ def _coerce(action: argparse.Action, value: Any, key: str, parser: argparse.Argu
     expected = _expected(action)
 
     def fail(detail: str = '') -> NoReturn:
-        parser.error(f'config key {key!r}: expected {expected}, got {value!r} ({type(value).__name__}){detail}')
+        _fail(parser, f'config key {key!r}: expected {expected}, got {value!r} ({type(value).__name__}){detail}')
 
     def one(item: Any) -> Any:
         convert = action.type or str
@@ -379,7 +402,7 @@ def _coerce(action: argparse.Action, value: Any, key: str, parser: argparse.Argu
         try:
             return convert(item)
         except ValueError:
-            parser.error(f'config key {key!r}: cannot read {item!r} as {convert.__name__} (expected {expected})')
+            _fail(parser, f'config key {key!r}: cannot read {item!r} as {convert.__name__} (expected {expected})')
 
     if value is None:
         if action.default is not None:
@@ -427,13 +450,13 @@ def _load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str,
         with open(path, 'r') as f:
             cfg = yaml.safe_load(f)
     except OSError as e:
-        parser.error(f'cannot read config file {path!r}: {e.strerror}')
+        _fail(parser, f'cannot read config file {path!r}: {e.strerror}')
     except yaml.YAMLError as e:
-        parser.error(f'config file {path!r} is not valid YAML: {e}')
+        _fail(parser, f'config file {path!r} is not valid YAML: {e}')
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):
-        parser.error(f'config file {path!r} must hold a mapping of option names to values')
+        _fail(parser, f'config file {path!r} must hold a mapping of option names to values')
     actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
     defaults, ignored = {}, {}
     for key, value in cfg.items():
@@ -443,7 +466,7 @@ def _load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str,
         elif dest in _TIMM_IGNORED:
             ignored[dest] = value
         else:
-            parser.error(f'config file {path!r}: unknown key {key!r}{_did_you_mean(dest, list(actions))}; '
+            _fail(parser, f'config file {path!r}: unknown key {key!r}{_did_you_mean(dest, list(actions))}; '
                          f'valid keys are the flag names of train_esam.py --help (with _ or -) and timm '
                          f'train.py\'s')
     if ignored:
@@ -565,6 +588,11 @@ def validate_args(args: argparse.Namespace) -> None:
     positive('sharpness-iters', args.sharpness_iters)
     positive('val-interval', args.val_interval)
     positive('recovery-interval', args.recovery_interval, allow_zero=True)
+    positive('max-nonfinite', args.max_nonfinite, allow_zero=True)
+    if args.resume == RESUME_AUTO:
+        _check(bool(args.experiment), f'--resume {RESUME_AUTO} needs --experiment NAME: it resumes the newest run '
+                                      f'of that experiment (the default folder name holds the start time, so no '
+                                      f'earlier run has it)')
     positive('checkpoint-hist', args.checkpoint_hist)
     positive('workers', args.workers, allow_zero=True)
     ds = args.dataset
@@ -587,10 +615,36 @@ def validate_args(args: argparse.Namespace) -> None:
         _check(args.log_wandb, '--wandb-resume-id needs --log-wandb')
 
 
+def _check_device(device: str, origin: str) -> None:
+    """Refuse a ``--device`` torch does not know or this machine does not have; ``origin`` names where the
+    value came from in the message (``--device 'cuda'``, or the config file key)."""
+    import torch
+    if not device:
+        return
+    valid = 'use cpu, cuda or cuda:N, or leave --device out (cuda when available, else cpu)'
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f'{origin} is not a device torch knows: {valid}') from None
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            why = 'this torch build has no CUDA' if torch.version.cuda is None else 'no CUDA device or driver found'
+            raise ValueError(f'{origin}: CUDA is not available on this machine ({why}): use --device cpu, '
+                             f'or leave --device out (cuda when available, else cpu)')
+        count = torch.cuda.device_count()
+        _check(dev.index is None or dev.index < count,
+               f'{origin}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}')
+    elif dev.type != 'cpu':
+        backend = getattr(torch, dev.type, None)
+        _check(backend is not None and hasattr(backend, 'is_available') and backend.is_available(),
+               f'{origin}: {dev.type} is not available on this machine: {valid}')
+
+
 def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
     """Parse the command line (and the YAML named by -c); return (args, args as YAML text).
 
-    Errors exit with code 2 and an argparse message naming the bad flag, key or value.
+    Errors exit with code 2 and a message naming the bad flag, key or value; argparse's usage comes only
+    with errors in the command line's syntax, not with values that parse but are invalid.
     """
     parser = build_parser()
     config_parser = argparse.ArgumentParser(add_help=False)
@@ -602,16 +656,20 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, st
         explicit = {dest for dest, value in file_values.items() if value != parser.get_default(dest)}
         parser.set_defaults(**file_values)
     args = parser.parse_args(remaining)
-    explicit |= _given_on_command_line(remaining)
+    on_command_line = _given_on_command_line(remaining)
+    explicit |= on_command_line
     args.config = known.config
     if args.data and not args.data_dir:
         args.data_dir = args.data
     args.opt_kwargs = dict(args.opt_kwargs)
     args.model_kwargs = dict(args.model_kwargs)
+    device_origin = (f'--device {args.device!r}' if 'device' in on_command_line or not known.config
+                     else f'device: {args.device} in config file {known.config!r}')
     try:
         validate_args(args)
+        _check_device(args.device, device_origin)
     except ValueError as e:
-        parser.error(str(e))
+        _fail(parser, str(e))
     _warn_inert_flags(args, explicit)
     return args, args_to_yaml(args)
 
