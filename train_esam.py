@@ -6,14 +6,18 @@
     torchrun --nproc_per_node 8 train_esam.py -c configs/imagenet_resnet50_esam.yaml --data-dir ...
 
 See docs/training.md. The logic lives in esam_timm.train; this script only parses, builds and runs.
-A run that cannot start (bad data, paths, checkpoint, labels beyond --num-classes) ends with one line and
-exit code 2, as a bad flag;
-a run that meets more unreadable data than --max-bad-fraction allows ends with one line and code 1.
+Every way a run ends early is one message on stderr and an exit code:
+  2    the run cannot start (bad flag, data, paths, checkpoint, labels beyond --num-classes);
+  1    it failed on the way: more unreadable data than --max-bad-fraction, divergence (non-finite
+       loss or weights), a full disk;
+  128 + signal (130, 143)    SIGINT/SIGTERM stopped it after writing a checkpoint; the message holds
+       the command that resumes it.
 """
 import sys
 
 from esam_timm.data import BadDataError, LabelRangeError
-from esam_timm.train import SetupError, parse_args, setup_logging, train
+from esam_timm.fileio import DiskFullError
+from esam_timm.train import DivergedError, SetupError, TrainingStopped, parse_args, setup_logging, train
 
 
 def main() -> None:
@@ -24,9 +28,12 @@ def main() -> None:
     except (SetupError, LabelRangeError) as e:
         sys.stderr.write(f'train_esam.py: error: {e}\n')
         sys.exit(2)
-    except BadDataError as e:
+    except (BadDataError, DivergedError, DiskFullError) as e:
         sys.stderr.write(f'train_esam.py: error: {e}\n')
         sys.exit(1)
+    except TrainingStopped as e:
+        sys.stderr.write(f'train_esam.py: {e}\n')
+        sys.exit(e.exit_code)
 
 
 if __name__ == '__main__':

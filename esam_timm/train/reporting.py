@@ -62,6 +62,9 @@ class StepMeter:
     """
 
     _SUMMED = ('loss', 'grad_norm', 'sharpness', 'perturb_norm', 'skipped_ascents')
+    # Python bools of the step's non-finite guard, counted on the host and not reduced: the same on every
+    # rank, since the guard reads the all-reduced gradient, which a non-finite loss on any rank poisons.
+    _COUNTED = ('skipped_nonfinite', 'skipped_overflow')
 
     def __init__(self) -> None:
         self.reset()
@@ -69,6 +72,7 @@ class StepMeter:
     def reset(self) -> None:
         self._sums: Dict[str, torch.Tensor] = {}
         self._counts: Dict[str, int] = {}
+        self._host_counts: Dict[str, int] = {}
         self.selected = 0.0
         self.samples = 0
         self.steps = 0
@@ -85,6 +89,9 @@ class StepMeter:
             value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
             self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
             self._counts[key] = self._counts.get(key, 0) + 1
+        for key in self._COUNTED:
+            if key in stats:
+                self._host_counts[key] = self._host_counts.get(key, 0) + int(bool(stats[key]))
         self.selected += float(stats.get('selected_fraction', 1.0))
         self.samples += batch_size
         self.steps += 1
@@ -94,7 +101,8 @@ class StepMeter:
         """Averages over the span as floats (one host sync; one collective when distributed).
 
         ``loss`` is averaged over ranks, ``skipped_ascents`` is the count summed over ranks, the other
-        statistics are this rank's; samples/s is global.
+        statistics are this rank's; samples/s is global. ``skipped_nonfinite``/``skipped_overflow`` count
+        the updates the guard skipped (the same on every rank).
         """
         out: Dict[str, float] = {}
         keys = list(self._sums)
@@ -108,6 +116,7 @@ class StepMeter:
                     out[key] = total / world_size / self._counts[key]
                 else:
                     out[key] = local / self._counts[key]
+        out.update({key: float(count) for key, count in self._host_counts.items()})
         elapsed = max(self.elapsed_before + time.perf_counter() - self.start, 1e-9)
         steps = max(self.steps, 1)
         out['selected_share'] = self.selected / steps
@@ -119,7 +128,8 @@ class StepMeter:
     def state_dict(self) -> Dict[str, Any]:
         """The span so far, for a recovery checkpoint (sums as CPU tensors, bitwise)."""
         return {'sums': {k: v.detach().cpu() for k, v in self._sums.items()}, 'counts': dict(self._counts),
-                'selected': self.selected, 'samples': self.samples, 'steps': self.steps,
+                'host_counts': dict(self._host_counts), 'selected': self.selected, 'samples': self.samples,
+                'steps': self.steps,
                 'data_time': self.data_time,
                 'elapsed': self.elapsed_before + time.perf_counter() - self.start}
 
@@ -128,6 +138,7 @@ class StepMeter:
         self.reset()
         self._sums = {k: v.to(device) for k, v in state['sums'].items()}
         self._counts = dict(state['counts'])
+        self._host_counts = dict(state.get('host_counts', {}))
         self.selected, self.samples, self.steps = state['selected'], state['samples'], state['steps']
         self.data_time, self.elapsed_before = state['data_time'], state['elapsed']
 
@@ -143,7 +154,8 @@ def format_train_line(epoch: int, batch: int, num_batches: int, interval: Mappin
     """One console line in timm's style: each value over the last interval (the epoch's running average).
 
     Position, loss, global samples/s, lr, data time and, for SAM/ESAM, sharpness, the selected share
-    and the epoch's skipped ascents so far (summed over ranks).
+    and the epoch's skipped ascents so far (summed over ranks); with the non-finite guard, the epoch's
+    skipped updates so far.
     """
     def pair(key: str, spec: str, scale: float = 1.0) -> str:
         now, avg = interval.get(key), running.get(key)
@@ -164,6 +176,9 @@ def format_train_line(epoch: int, batch: int, num_batches: int, interval: Mappin
             f'Selected: {interval["selected_share"]:.2f}',
             f'Skipped ascents: {int(running.get("skipped_ascents", 0))}',
         ]
+    if 'skipped_nonfinite' in running:
+        skipped = int(running['skipped_nonfinite'] + running.get('skipped_overflow', 0))
+        parts.append(f'Skipped updates: {skipped}')
     return '  '.join(parts)
 
 

@@ -12,7 +12,12 @@ random state of augmentation, mixup and dropout does not depend on what ran befo
 from a checkpoint replays the remaining batches exactly (on the CPU, bitwise): the checkpoint holds
 model, optimizer (base optimizer + ESAM's SWP generator), GradScaler, EMA, scheduler, the position
 (epoch, batch) and the epoch's statistics so far; the data loader is re-opened at that epoch and
-fast-forwarded to the batch.
+fast-forwarded to the batch. A resumed run continues in its checkpoint's run folder.
+
+Fail-safe: updates with a non-finite loss or gradient are skipped by the step's guard and
+``--max-nonfinite`` of them in a row stop the run (:mod:`.divergence`); no checkpoint with non-finite
+weights is written; SIGINT/SIGTERM stop after the current update with a recovery checkpoint
+(:mod:`.signals`); a bad-data stop comes after the epoch's checkpoint.
 """
 import argparse
 import inspect
@@ -20,6 +25,8 @@ import logging
 import math
 import os
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from esam_timm import create_per_sample_loss, find_sam, train_step
@@ -38,10 +46,13 @@ from esam_timm.fileio import atomic_write_text
 from esam_timm.head import classifier_tap
 from esam_timm.registry import is_sam_family, optimizer_kind
 
-from .checkpoint import CheckpointManager, RunFolder, RunFolderBusy, claim_run_folder, state_dict_mismatch
-from .config import args_to_yaml
+from .checkpoint import (ARGS_NAME, CheckpointManager, RunFolder, RunFolderBusy, claim_run_folder,
+                         find_resume_checkpoint, resume_command, state_dict_mismatch)
+from .config import RESUME_AUTO, RESUME_FREE_FLAGS, args_to_yaml
+from .divergence import NonFiniteWatch, refuse_nonfinite
 from .loaders import build_loaders, resolve_data
 from .reporting import ProgressBar, StepMeter, WandbLogger, format_train_line, write_summary
+from .signals import GracefulStop, TrainingStopped
 
 __all__ = ['Trainer', 'train', 'CHECKPOINT_VERSION', 'SetupError', 'resolve_lr']
 
@@ -127,14 +138,19 @@ class Trainer:
 
     ``Trainer(args).fit()`` builds everything, trains ``--epochs`` epochs and returns the final
     metrics. ``step_callbacks`` are called as ``callback(trainer, epoch, batches_done)`` after every
-    update (after any recovery checkpoint), e.g. to stop a run or collect statistics.
+    update (after any recovery checkpoint), e.g. to stop a run or collect statistics. ``argv`` is the
+    command line that started the run (``sys.argv``), repeated in the ``--resume`` command a stopped
+    run prints; without it the command loads the run's ``args.yaml``.
     """
 
     def __init__(self, args: argparse.Namespace, args_text: Optional[str] = None,
-                 step_callbacks: Sequence[StepCallback] = ()) -> None:
+                 step_callbacks: Sequence[StepCallback] = (), argv: Optional[Sequence[str]] = None) -> None:
         self.args = args
         self.args_text = args_text if args_text is not None else args_to_yaml(args)
         self.step_callbacks = list(step_callbacks)
+        self.argv = list(argv) if argv is not None else None
+        self.resume_path = ''
+        self.last_checkpoint: Optional[str] = None  # the newest checkpoint of the run: written or resumed from
         self.start_epoch = 0
         self.start_batch = 0
         self.num_updates = 0
@@ -159,13 +175,16 @@ class Trainer:
         except SetupError:
             raise
         except (ValueError, OSError, KeyError, RunFolderBusy) as e:
-            raise SetupError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from e
+            raise SetupError(str(e).strip() or repr(e)) from e  # every line: advice often follows the first
 
     def _setup(self) -> None:
         args = self.args
         runtime = setup_runtime(args)
         self.device, self.rank, self.world_size = runtime.device, runtime.rank, runtime.world_size
         self.distributed, self.amp_dtype = runtime.distributed, runtime.amp_dtype
+        self.stop = GracefulStop(dist.new_group(backend='gloo') if self.distributed else None)
+        self.nonfinite = NonFiniteWatch(args.max_nonfinite) if args.max_nonfinite else None
+        self.location = self._run_location()
         torch.manual_seed(args.seed)
         self.sources = resolve_data(args, self.world_size, self.is_primary, self._barrier)
         self.num_classes = self.sources.num_classes
@@ -187,7 +206,8 @@ class Trainer:
             bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, bce_pos_weight=args.bce_pos_weight)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.scheduler, self.num_epochs = self._build_scheduler()
-        history = self._resume(args.resume) if args.resume else []
+        self.resume_path = self._resolve_resume()
+        history = self._resume(self.resume_path) if self.resume_path else []
         if args.start_epoch is not None:
             self.start_epoch, self.start_batch = args.start_epoch, 0
         if self.scheduler is not None and self.start_epoch > 0 and self.start_batch == 0:
@@ -329,17 +349,41 @@ class Trainer:
                 **{sync_name: not args.no_ddp_bb})
         return model, (model.module if isinstance(model, DistributedDataParallel) else model)
 
-    def _claim_output(self, history: List[Tuple[float, int]]) -> None:
-        """Create and lock the run folder (rank 0 decides, every rank learns the result), write args.yaml."""
+    def _run_location(self) -> Tuple[str, str]:
+        """(output root, experiment name) of a new run: ``--output`` and ``--experiment`` or date-model-size."""
         args = self.args
         root = args.output or os.path.join('.', 'output', 'train')
         name = args.experiment or '-'.join([
             datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'),
             str(args.input_size[-1] if args.input_size else (args.img_size or 'default'))])
+        return root, name
+
+    def _resolve_resume(self) -> str:
+        """The checkpoint to resume: ``--resume`` as given, or for ``auto`` the newest checkpoint of the
+        experiment whose run had these settings ('' when there is none: a new run). Rank 0 decides."""
+        if self.args.resume != RESUME_AUTO:
+            return self.args.resume
+        found: List[Optional[str]] = [None]
+        if self.is_primary:
+            root, name = self.location
+            found[0] = find_resume_checkpoint(root, name, yaml.safe_load(self.args_text), RESUME_FREE_FLAGS)
+            if found[0] is None:
+                _logger.info('--resume auto: no checkpoint of experiment %r in %s from a run with these settings; '
+                             'starting a new run', name, root)
+            else:
+                _logger.info('--resume auto: resuming %s', found[0])
+        if self.distributed:
+            dist.broadcast_object_list(found, src=0)
+        return found[0] or ''
+
+    def _claim_output(self, history: List[Tuple[float, int]]) -> None:
+        """Create and lock the run folder (rank 0 decides, every rank learns the result), write args.yaml."""
+        args = self.args
+        root, name = self.location
         outcome: List[Optional[str]] = [None, None]  # [path, error]
         if self.is_primary:
             try:
-                self.run_folder = claim_run_folder(root, name, resume=args.resume)
+                self.run_folder = claim_run_folder(root, name, resume=self.resume_path)
                 outcome[0] = self.run_folder.path
             except (OSError, RunFolderBusy) as e:
                 outcome[1] = str(e)
@@ -349,12 +393,13 @@ class Trainer:
             raise SetupError(outcome[1])
         self.output_dir = outcome[0]
         if self.is_primary:
-            atomic_write_text(os.path.join(self.output_dir, 'args.yaml'), self.args_text)
+            atomic_write_text(os.path.join(self.output_dir, ARGS_NAME), self.args_text)
         self.checkpoints = CheckpointManager(self.output_dir, args.checkpoint_hist,
                                              decreasing=args.eval_metric == 'loss')
         self.checkpoints.history = history
-        if args.resume:
-            self.checkpoints.adopt_recovery(args.resume)
+        if self.resume_path:
+            self.checkpoints.adopt_recovery(self.resume_path)
+            self.last_checkpoint = self.resume_path
 
     # ------------------------------------------------------------------------------- checkpoints
     def state_dict(self, epoch: int, batches_done: int, metric: Optional[float] = None,
@@ -458,32 +503,40 @@ class Trainer:
         self._resumed_meter = None
         bar = ProgressBar(n - start_batch, f'epoch {epoch}', enabled=self.is_primary and not args.no_progress)
         amp = dict(amp_dtype=self.amp_dtype, scaler=self.scaler, clip_grad=args.clip_grad,
-                   clip_mode=args.clip_mode, bn_mode=args.esam_bn_mode)
+                   clip_mode=args.clip_mode, bn_mode=args.esam_bn_mode, guard_nonfinite=self.nonfinite is not None)
         accum = args.grad_accum_steps
-        for first in range(start_batch, n, accum):
-            window = range(first, min(first + accum, n))  # the epoch's last update may have fewer batches
-            t0 = time.perf_counter()
-            inputs, targets = self._next_window(batches, epoch, window)
-            data_time = time.perf_counter() - t0
-            stats = train_step(self.train_model, self.optimizer, inputs, targets, self.loss_fn,
-                               accum_steps=len(window), **amp)
-            self.num_updates += 1
-            if self.model_ema is not None:
-                self.model_ema.update(self.model, step=self.num_updates)
-            interval.update(stats, inputs.shape[0], data_time)
-            whole.update(stats, inputs.shape[0], data_time)
-            done, update = window.stop, first // accum + 1
-            bar.update(len(window))
-            if update % args.log_interval == 0 or done == n:
-                running = self._log_interval(epoch, done, interval, whole)
-                interval.reset()
-            if self.scheduler is not None:
-                self.scheduler.step_update(num_updates=self.num_updates)
-            if args.recovery_interval and update % args.recovery_interval == 0 and done < n:
-                self._save_recovery(epoch, done, whole)
-            for callback in self.step_callbacks:
-                callback(self, epoch, done)
-        bar.close()
+        try:
+            for first in range(start_batch, n, accum):
+                window = range(first, min(first + accum, n))  # the epoch's last update may have fewer batches
+                t0 = time.perf_counter()
+                inputs, targets = self._next_window(batches, epoch, window)
+                data_time = time.perf_counter() - t0
+                stats = train_step(self.train_model, self.optimizer, inputs, targets, self.loss_fn,
+                                   accum_steps=len(window), **amp)
+                self.num_updates += 1
+                if self.model_ema is not None:
+                    self.model_ema.update(self.model, step=self.num_updates)
+                interval.update(stats, inputs.shape[0], data_time)
+                whole.update(stats, inputs.shape[0], data_time)
+                done, update = window.stop, first // accum + 1
+                bar.update(len(window))
+                if update % args.log_interval == 0 or done == n:
+                    running = self._log_interval(epoch, done, interval, whole)
+                    interval.reset()
+                if self.nonfinite is not None and self.nonfinite.update(stats):
+                    raise self.nonfinite.diverged(f'epoch {epoch}, batch {done} of {n}', self.last_checkpoint)
+                if self.scheduler is not None:
+                    self.scheduler.step_update(num_updates=self.num_updates)
+                if args.recovery_interval and update % args.recovery_interval == 0 and done < n:
+                    self._save_recovery(epoch, done, whole)
+                for callback in self.step_callbacks:
+                    callback(self, epoch, done)
+                signum = self.stop.requested()
+                if signum and done < n:
+                    self._save_recovery(epoch, done, whole)
+                    raise TrainingStopped(signum, self._stop_message(signum, f'at epoch {epoch}, batch {done} of {n}'))
+        finally:
+            bar.close()
         running.setdefault('skipped_ascents', 0.0)
         return running  # the epoch's averages, read once at its last update
 
@@ -522,9 +575,26 @@ class Trainer:
         return running
 
     def _save_recovery(self, epoch: int, done: int, whole: StepMeter) -> None:
+        """Write ``recovery-<epoch>-<done>`` on rank 0 once every rank found the weights finite; every rank
+        returns when it is on disk."""
+        self._check_finite(f'epoch {epoch}, batch {done}')
         if self.is_primary:
             path = self.checkpoints.save_recovery(self.state_dict(epoch, done, epoch_meter=whole), epoch, done)
             _logger.info('Recovery checkpoint %s', path)
+        self.stop.barrier()
+        self.last_checkpoint = self.checkpoints.recovery_path(epoch, done)
+
+    def _check_finite(self, where: str) -> None:
+        """Before a checkpoint: stop on every rank if the model's or EMA's tensors are not all finite."""
+        states = {'state_dict': self.model.state_dict()}
+        if self.model_ema is not None:
+            states['state_dict_ema'] = self.model_ema.module.state_dict()
+        refuse_nonfinite(states, where, self.last_checkpoint, self.device)
+
+    def _stop_message(self, signum: int, where: str) -> str:
+        """The line a stopped run ends with: where it stopped and the exact command that resumes it."""
+        command = resume_command(self.last_checkpoint, self.argv, os.path.join(self.output_dir, ARGS_NAME))
+        return f'stopped by {signal.Signals(signum).name} {where}; resume with: {command}'
 
     @torch.no_grad()
     def validate(self, model: nn.Module, tag: str = 'eval') -> Dict[str, float]:
@@ -552,31 +622,19 @@ class Trainer:
         return metrics
 
     def fit(self) -> Dict[str, float]:
-        """Set up (if not yet done) and train to the last epoch; return the final metrics."""
+        """Set up (if not yet done) and train to the last epoch; return the final metrics.
+
+        Raises :class:`TrainingStopped` after SIGINT/SIGTERM (once a checkpoint is written),
+        :class:`DivergedError`, and ``BadDataError`` past ``--max-bad-fraction`` (once that epoch's
+        checkpoint is written).
+        """
         if not hasattr(self, 'optimizer'):
             self.setup()
         args = self.args
         try:
-            for epoch in range(self.start_epoch, self.num_epochs):
-                start_batch = self.start_batch if epoch == self.start_epoch else 0
-                t0 = time.perf_counter()
-                train_metrics = self.train_one_epoch(epoch, start_batch)
-                train_metrics.update(self._data_check(self.train_loader, f'training epoch {epoch}'))
-                epoch_time = time.perf_counter() - t0
-                train_metrics['lr'] = self._lr()
-                self._distribute_bn()
-                eval_metrics, ema_metrics = {}, {}
-                if self.val_loader is not None and self._validates_after(epoch):
-                    eval_metrics = self.validate(self.eval_model)
-                    eval_metrics.update(self._data_check(self.val_loader, f'validation after epoch {epoch}'))
-                    if self.model_ema is not None and not args.model_ema_force_cpu:
-                        ema_metrics = self.validate(self.model_ema.module, tag='ema eval')
-                flatness = self._measure_sharpness(epoch)
-                ranked = ema_metrics or eval_metrics
-                metric = ranked.get(args.eval_metric)
-                if self.scheduler is not None:
-                    self.scheduler.step(epoch + 1, metric)
-                self._end_epoch(epoch, train_metrics, eval_metrics, ema_metrics, metric, epoch_time, flatness)
+            with self.stop:
+                for epoch in range(self.start_epoch, self.num_epochs):
+                    self._run_epoch(epoch)
         finally:
             if self.wandb is not None:
                 self.wandb.finish()
@@ -591,6 +649,45 @@ class Trainer:
                          '-' if best is None else f'{args.eval_metric} {best[0]:.3f} (epoch {best[1]})',
                          m['train_samples_per_sec'], self.output_dir)
         return self.final_metrics
+
+    def _run_epoch(self, epoch: int) -> None:
+        """Train, validate and checkpoint one epoch; then stop if the data was bad or a signal came."""
+        args = self.args
+        start_batch = self.start_batch if epoch == self.start_epoch else 0
+        t0 = time.perf_counter()
+        train_metrics = self.train_one_epoch(epoch, start_batch)
+        data_metrics, bad_data = self._data_check(self.train_loader, f'training epoch {epoch}')
+        train_metrics.update(data_metrics)
+        epoch_time = time.perf_counter() - t0
+        train_metrics['lr'] = self._lr()
+        self._distribute_bn()
+        eval_metrics, ema_metrics = {}, {}
+        if self.val_loader is not None and self._validates_after(epoch):
+            eval_metrics = self.validate(self.eval_model)
+            data_metrics, bad_val = self._data_check(self.val_loader, f'validation after epoch {epoch}')
+            eval_metrics.update(data_metrics)
+            bad_data = bad_data or bad_val
+            if self.model_ema is not None and not args.model_ema_force_cpu:
+                ema_metrics = self.validate(self.model_ema.module, tag='ema eval')
+        flatness = self._measure_sharpness(epoch)
+        ranked = ema_metrics or eval_metrics
+        metric = ranked.get(args.eval_metric)
+        if self.scheduler is not None:
+            self.scheduler.step(epoch + 1, metric)
+        self._end_epoch(epoch, train_metrics, eval_metrics, ema_metrics, metric, epoch_time, flatness)
+        if bad_data is not None:
+            raise self._bad_data_stop(bad_data)
+        signum = self.stop.requested_now()
+        if signum and epoch + 1 < self.num_epochs:
+            raise TrainingStopped(signum, self._stop_message(signum, f'after epoch {epoch}'))
+
+    def _bad_data_stop(self, error: Any) -> Exception:
+        """The bad-data error, told how to go on from the epoch's checkpoint with a higher threshold."""
+        share = error.report.bad_fraction
+        higher = min(1.0, math.ceil(share * 100 + 1e-9) / 100)
+        command = resume_command(self.last_checkpoint, self.argv, os.path.join(self.output_dir, ARGS_NAME))
+        return type(error)(f'{error} The epoch\'s checkpoint is saved: to accept this data and go on, resume with: '
+                           f'{command} --max-bad-fraction {higher:g}', error.report, error.max_fraction)
 
     def _measure_sharpness(self, epoch: int) -> Dict[str, float]:
         """``--sharpness-interval``: the top Hessian eigenvalue and m-sharpness of the model on the same
@@ -634,17 +731,22 @@ class Trainer:
         if self.model_ema is not None and not self.args.model_ema_force_cpu:
             distribute_bn(self.model_ema.module, self.world_size, reduce=mode == 'reduce')
 
-    def _data_check(self, loader: Any, what: str) -> Dict[str, float]:
-        """The pass's bad-data report summed over ranks; stops the run past ``--max-bad-fraction``."""
+    def _data_check(self, loader: Any, what: str) -> Tuple[Dict[str, float], Optional[Exception]]:
+        """The pass's bad-data metrics summed over ranks, and the ``BadDataError`` to stop with (after the
+        epoch's checkpoint) when the share is past ``--max-bad-fraction``."""
         report_fn = getattr(loader, 'data_report', None)
         report = report_fn() if report_fn is not None else None
         if report is None:
-            return {}
-        from esam_timm.data import check_bad_fraction, reduce_data_report
+            return {}, None
+        from esam_timm.data import BadDataError, check_bad_fraction, reduce_data_report
         report = reduce_data_report(report, self.device)
-        check_bad_fraction(report, self.args.max_bad_fraction, what=what, warn=self.is_primary)
+        error = None
+        try:
+            check_bad_fraction(report, self.args.max_bad_fraction, what=what, warn=self.is_primary)
+        except BadDataError as e:
+            error = e
         metrics = report.metrics()
-        return {'samples_read' if key == 'samples' else key: value for key, value in metrics.items()}
+        return {'samples_read' if key == 'samples' else key: value for key, value in metrics.items()}, error
 
     def _end_epoch(self, epoch: int, train_metrics: Dict[str, float], eval_metrics: Dict[str, float],
                    ema_metrics: Dict[str, float], metric: Optional[float], epoch_time: float,
@@ -655,6 +757,8 @@ class Trainer:
         row.update({f'ema_eval_{k}': v for k, v in ema_metrics.items()})
         row.update(flatness)
         self.final_metrics = dict(row)
+        self._check_finite(f'epoch {epoch}')
+        self.last_checkpoint = self.checkpoints.last_path
         if not self.is_primary:
             return
         self.checkpoints.save_epoch(self.state_dict(epoch, self.batches_per_epoch, metric), epoch, metric)
@@ -664,18 +768,24 @@ class Trainer:
         best = self.checkpoints.best
         best_text = f'  (best {self.args.eval_metric} {best[0]:.3f} at epoch {best[1]})' if best else ''
         top1 = (ema_metrics or eval_metrics).get('top1')
-        data_text = ''
-        if 'bad_samples' in train_metrics:
-            data_text = (f', unreadable data: {int(train_metrics["bad_samples"])} samples in '
-                         f'{int(train_metrics["bad_shards"])} shards')
+        notes = ''
+        if 'skipped_nonfinite' in train_metrics:
+            notes += f', skipped updates: {int(train_metrics["skipped_nonfinite"])} non-finite'
+            if self.scaler is not None:
+                notes += f', {int(train_metrics["skipped_overflow"])} fp16 overflow'
+        if train_metrics.get('bad_samples') or train_metrics.get('bad_shards'):
+            bad = int(train_metrics['bad_samples'])
+            notes += (f', unreadable data: {bad} of {bad + int(train_metrics["samples_read"])} samples read '
+                      f'({train_metrics["bad_fraction"]:.2%}), {int(train_metrics["bad_shards"])} broken shards')
         _logger.info('Epoch %d done in %.1fs: train loss %.4f, %.1f samples/s%s%s%s', epoch, epoch_time,
                      train_metrics.get('loss', float('nan')), train_metrics['samples_per_sec'],
-                     f', top-1 {top1:.2f}%' if top1 is not None else '', data_text, best_text)
+                     f', top-1 {top1:.2f}%' if top1 is not None else '', notes, best_text)
 
 
 def train(args: argparse.Namespace, args_text: Optional[str] = None) -> Dict[str, float]:
-    """Run a whole training described by ``args``; the entry point of ``train_esam.py``."""
-    trainer = Trainer(args, args_text)
+    """Run a whole training described by ``args``; the entry point of ``train_esam.py`` (whose command
+    line a stopped run repeats in its ``--resume`` command)."""
+    trainer = Trainer(args, args_text, argv=sys.argv)
     try:
         metrics = trainer.fit()
     finally:
