@@ -10,7 +10,10 @@ with uneven shards or fewer shards than streams; its per-rank batch counts may d
 sums its metrics once at the end with :func:`esam_timm.distributed.all_reduce_sum`.
 
 Batches are ``(uint8 images [B, 3, H, W], int64 labels [B])``; normalisation, random erasing and
-mixup happen on the device (see :mod:`esam_timm.data.prefetch`). Bad data (an undecodable image, a
+mixup happen on the device (see :mod:`esam_timm.data.prefetch`). ``create_train_loader(decode=...)``
+picks how training images are decoded: ``'pil'`` (timm's transform), ``'fast'`` (the same draws,
+decoded by :mod:`esam_timm.data.decode`) or ``'encoded'`` (header and crop only, for
+:mod:`esam_timm.data.gpu_decode`). Bad data (an undecodable image, a
 sample without a label, an unreadable or truncated shard) is skipped without sleeping and counted:
 each worker sends the counts it gathered since its last batch along with the next one (nothing is
 shared between processes, no per-sample round trip), and :meth:`WdsLoader.data_report` sums them
@@ -33,18 +36,21 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .decode import EncodedCrop, FastTrainTransform, image_member, pack_encoded
 from .prefetch import LabelRangeError
 from .report import DataReport
 from .sources import INFO_NAME, ShardSource
 from .tar import ShardReadError, describe_error, read_shard
 
-__all__ = ['DEFAULT_IMAGE_KEY', 'DEFAULT_LABEL_KEY', 'WdsLoader', 'WdsTrainDataset', 'WdsValDataset', 'collate',
+__all__ = ['DECODE_MODES', 'DEFAULT_IMAGE_KEY', 'DEFAULT_LABEL_KEY', 'WdsLoader', 'WdsTrainDataset', 'WdsValDataset', 'collate',
            'create_train_loader', 'create_val_loader']
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_KEY = 'jpg;jpeg;png;webp'
 DEFAULT_LABEL_KEY = 'cls'
+# How the training pipeline decodes: timm's PIL transform, the fast CPU path, or header-only for GPU decode.
+DECODE_MODES = ('pil', 'fast', 'encoded')
 # Log a worker's first bad samples of an epoch one by one, then every Nth, so a broken dataset cannot
 # flood the log; the epoch's DataReport has the exact count.
 _LOG_FIRST_BAD, _LOG_EVERY_BAD = 10, 100
@@ -151,13 +157,17 @@ def _decode_image(sample: Dict[str, Any], image_keys: Sequence[str]) -> Image.Im
 def _decode_samples(
         samples: Iterable[Dict[str, Any]],
         *,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Optional[Callable[[Any], Any]],
         image_keys: Sequence[str],
         label_key: str,
         tally: _Tally,
         num_classes: Optional[int] = None,
-) -> Iterator[Tuple[torch.Tensor, int]]:
+        reader: Callable[[Dict[str, Any], Sequence[str]], Any] = _decode_image,
+) -> Iterator[Tuple[Any, int]]:
     """Decode, label and transform raw samples, skipping (and counting in ``tally``) the ones that fail.
+
+    ``reader(sample, image_keys)`` gets the image (a PIL image by default); ``transform``, when not None,
+    makes the batch item of it.
 
     Raises RuntimeError after many failures in a row: that is a broken source or configuration; and
     :class:`LabelRangeError` for a label outside ``[0, num_classes)``, naming the sample and its shard.
@@ -166,7 +176,9 @@ def _decode_samples(
     for sample in samples:
         try:
             label = _parse_label(sample, label_key)
-            image = transform(_decode_image(sample, image_keys))
+            image = reader(sample, image_keys)
+            if transform is not None:
+                image = transform(image)
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
             tally.bad_sample(sample.get('__key__', '?'), sample.get('__url__', '?'), exc)
             failures += 1
@@ -259,9 +271,11 @@ class _WdsDataset(IterableDataset):
     item carries what came after the last batch. :class:`WdsLoader` folds them into the epoch report.
     """
 
-    def __init__(self, source: ShardSource, *, batch_size: int, transform: Callable[[Image.Image], torch.Tensor],
+    def __init__(self, source: ShardSource, *, batch_size: int, transform: Optional[Callable[[Any], Any]],
                  rank: int, world_size: int, image_keys: Sequence[str], label_key: str,
-                 num_classes: Optional[int] = None) -> None:
+                 num_classes: Optional[int] = None,
+                 reader: Callable[[Dict[str, Any], Sequence[str]], Any] = _decode_image,
+                 collate_fn: Callable[[Sequence[Tuple[Any, int]]], Any] = collate) -> None:
         super().__init__()
         self.urls = list(source.urls)
         self.lengths: Dict[str, int] = dict(zip(self.urls, source.shard_lengths or ()))
@@ -272,11 +286,14 @@ class _WdsDataset(IterableDataset):
         self.image_keys = list(image_keys)
         self.label_key = label_key
         self.num_classes = num_classes
+        self.reader = reader
+        self.collate_fn = collate_fn
 
     def _batches(self, samples: Iterable[Dict[str, Any]], tally: _Tally, partial_batch: bool) -> Iterator[Batch]:
         decoded = _decode_samples(samples, transform=self.transform, image_keys=self.image_keys,
-                                  label_key=self.label_key, tally=tally, num_classes=self.num_classes)
-        return wds.batched(self.batch_size, collation_fn=collate, partial=partial_batch)(decoded)
+                                  label_key=self.label_key, tally=tally, num_classes=self.num_classes,
+                                  reader=self.reader)
+        return wds.batched(self.batch_size, collation_fn=self.collate_fn, partial=partial_batch)(decoded)
 
     @staticmethod
     def _with_reports(batches: Iterable[Batch], tally: _Tally) -> Iterator[_Item]:
@@ -512,6 +529,7 @@ def create_train_loader(
         pin_memory: bool = False,
         prefetch_factor: int = 2,
         persistent_workers: bool = True,
+        decode: str = 'pil',
 ) -> WdsLoader:
     """Build the training loader: ``len()`` = ``ceil(num_samples / (batch_size * world_size))`` on every rank.
 
@@ -537,22 +555,43 @@ def create_train_loader(
         num_classes: when given, a label outside ``[0, num_classes)`` stops the iteration with
             :class:`~esam_timm.data.prefetch.LabelRangeError` naming the sample and its shard.
         pin_memory, prefetch_factor, persistent_workers: passed to ``torch.utils.data.DataLoader``.
+        decode: ``'pil'``: timm's transform on PIL images. ``'fast'``: the same draws, decoded by
+            :class:`~esam_timm.data.decode.FastTrainTransform` (no auto-augment or crop modes).
+            ``'encoded'``: batches of :class:`~esam_timm.data.decode.EncodedBatch` (JPEG bytes and
+            crop boxes; flips and jitter are left to the device) for
+            :class:`~esam_timm.data.gpu_decode.GpuDecodeLoader`.
     """
     _check_loader_args(batch_size, num_workers, rank, world_size)
+    if decode not in DECODE_MODES:
+        raise ValueError(f'decode must be one of {list(DECODE_MODES)}, got {decode!r}')
+    if decode != 'pil' and (auto_augment or train_crop_mode):
+        raise ValueError(f'decode={decode!r} does not do auto_augment={auto_augment!r} or '
+                         f'train_crop_mode={train_crop_mode!r}: use decode="pil" for them')
     if shuffle_buffer < 1:
         raise ValueError(f'shuffle_buffer must be >= 1, got {shuffle_buffer}')
     if color_jitter is not None and not any(np.atleast_1d(color_jitter)):
         color_jitter = None  # timm would add a ColorJitter that does nothing but still costs time
-    transform = create_transform(
-        img_size, is_training=True, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip,
-        color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation,
-        mean=tuple(mean), std=tuple(std), train_crop_mode=train_crop_mode, use_prefetcher=True)
+    pipeline: Dict[str, Any] = {}
+    if decode == 'pil':
+        transform = create_transform(
+            img_size, is_training=True, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip,
+            color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation,
+            mean=tuple(mean), std=tuple(std), train_crop_mode=train_crop_mode, use_prefetcher=True)
+    else:
+        crop_args = (img_size, tuple(scale or (0.08, 1.0)), tuple(ratio or (3. / 4., 4. / 3.)), interpolation)
+        if decode == 'fast':
+            transform = FastTrainTransform(*crop_args, hflip=hflip, vflip=vflip, color_jitter=color_jitter)
+            pipeline = dict(reader=image_member)
+        else:
+            transform = None
+            pipeline = dict(reader=EncodedCrop(*crop_args), collate_fn=pack_encoded)
     num_batches = math.ceil(source.num_samples / (batch_size * world_size))
     dataset = WdsTrainDataset(
         source, batches_per_rank=num_batches, batch_size=batch_size, transform=transform, seed=seed,
         rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
         shuffle_initial=shuffle_initial if shuffle_initial is not None else max(1, shuffle_buffer // 4),
-        image_keys=_image_keys(image_key), label_key=_check_label_key(label_key), num_classes=num_classes)
+        image_keys=_image_keys(image_key), label_key=_check_label_key(label_key), num_classes=num_classes,
+        **pipeline)
     _logger.info('train loader %r: %d shards, %d samples, %d batches of %d per rank x %d ranks',
                  source.name, len(source.urls), source.num_samples, num_batches, batch_size, world_size)
     return WdsLoader(dataset, num_batches=num_batches, num_workers=num_workers, pin_memory=pin_memory,
