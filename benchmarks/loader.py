@@ -1,39 +1,46 @@
-"""Images/s of one loader worker process vs. a plain PIL decode + RandomResizedCrop + flip loop.
+"""Images per CPU-second of one loader worker: timm's own loader vs ours (PIL decode and fast decode).
 
-Makes ImageNet-sized JPEGs (default 500x375, quality 90), writes them as shards with the project's
-shard writer, then times, in alternating rounds (best round counts, as the machine may be shared):
+Makes ImageNet-sized JPEGs (default 500x375, quality 90) from real photographs: random crops (30-100%
+of the area) and rescales of scikit-learn's 2 sample photos and scikit-image's photos (``skimage.data``;
+the grey ones stored as RGB JPEGs, as ImageNet has some), or with ``--synthetic`` from generated
+gradients and shapes. Writes them as WebDataset shards with timm's ``_info.json`` (the project's shard
+writer), then times, in alternating rounds, each with ONE worker process, batch 32, 224 px:
 
-* baseline: one process, JPEG bytes in memory -> PIL decode -> torchvision RandomResizedCrop(224)
-  -> RandomHorizontalFlip -> uint8 tensor;
-* plain worker: the baseline loop inside one DataLoader worker (what a worker process costs);
-* ours in-process: the same loader with ``num_workers=0`` (what the wds path adds, no IPC);
-* ours: ``create_train_loader`` with ONE worker process (tar reading, shuffle buffer, decode,
-  timm's 224 training transform with the same augmentations, collation), timed in the main
-  process over whole epochs (persistent worker, so its start-up is excluded).
+* timm: ``timm.data.create_loader`` over ``timm.data.create_dataset('wds/bench', root=<shards>)`` (timm's
+  own WebDataset reader and default ImageNet train transform: RandomResizedCrop(224, scale (0.08, 1),
+  ratio (3/4, 4/3)), flip, uint8 ``fast_collate``; its prefetcher's normalisation runs in the main
+  process, as ours runs on the device, so the worker does the same job in both);
+* ours, decode='pil': ``esam_timm.data.create_train_loader`` with timm's transform;
+* ours, decode='fast': the same draws (crop, flip, jitter) decoded by :mod:`esam_timm.data.decode`;
 
-Rates are images per CPU-second of the process doing the work (the worker's CPU time read from
-/proc), which is what "per core" means and is robust to other load on a shared machine; wall-clock
-rates are printed next to them.
+each without colour jitter and with timm's default ``color_jitter=0.4``. Rates are images per
+CPU-second of the worker process (its user + system time from /proc): robust to other load on a shared
+machine; wall-clock rates are printed too. One untimed epoch per loader starts its worker; the table
+gives the best and the median of the timed rounds. Also printed:
+the share of crops that the fast path decodes at reduced DCT scale, and each arm's pixel mean and std
+(the output statistics should agree).
 
-Run: ``python benchmarks/loader.py [--images 512] [--rounds 5]``.
+Run: ``python benchmarks/loader.py [--images 1024] [--rounds 6] [--width 500 --height 375]``.
+Needs the ``[bench]`` extra (scikit-learn, scikit-image) unless ``--synthetic``.
 """
 import argparse
 import io
 import logging
 import os
 import platform
+import random
+import statistics
+import subprocess
 import tempfile
 import time
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, IterableDataset
-from torchvision import transforms
-from torchvision.transforms.functional import pil_to_tensor
 
 from esam_timm.data import ShardRecord, create_train_loader, resolve_source, write_info, write_split
+from esam_timm.data.decode import draft_scale, sample_crop
 
 
 def photo_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: int) -> bytes:
@@ -54,6 +61,42 @@ def photo_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: 
     return buf.getvalue()
 
 
+# scikit-image's photographs (not its synthetic or microscopy-only images); grey ones become RGB.
+_SKIMAGE_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'immunohistochemistry', 'retina',
+                   'camera', 'brick', 'grass', 'gravel', 'moon', 'coins', 'clock', 'cell')
+
+
+def real_photos() -> List[np.ndarray]:
+    """scikit-learn's 2 sample photos and scikit-image's bundled photographs, as HxWx3 uint8 arrays."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+    photos = [np.asarray(p) for p in load_sample_images().images]
+    for name in _SKIMAGE_PHOTOS:
+        arr = getattr(skimage.data, name)()
+        photos.append(np.stack([arr] * 3, axis=-1) if arr.ndim == 2 else arr[..., :3])
+    photos.extend(skimage.data.stereo_motorcycle()[:2])
+    return photos
+
+
+def photo_jpegs(count: int, width: int, height: int, quality: int, seed: int = 0) -> List[bytes]:
+    """``count`` JPEGs of ``width`` x ``height`` (a quarter of them portrait) from random crops of the photos."""
+    rng = np.random.default_rng(seed)
+    photos = real_photos()
+    out = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h0, w0 = photo.shape[:2]
+        s = rng.uniform(0.3, 1.0) ** 0.5
+        h, w = int(h0 * s), int(w0 * s)
+        top, left = rng.integers(0, h0 - h + 1), rng.integers(0, w0 - w + 1)
+        size = (width, height) if rng.random() < 0.75 else (height, width)
+        img = Image.fromarray(np.ascontiguousarray(photo[top:top + h, left:left + w])).resize(size, Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format='JPEG', quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc (Linux)."""
     with open(f'/proc/{pid}/stat') as f:
@@ -61,113 +104,137 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
-def baseline_rate(jpegs: List[bytes], size: int) -> Tuple[float, float]:
-    """(images per CPU second, images per wall second) of the plain single-process loop."""
-    rrc, flip = transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()
-    cpu, wall = time.process_time(), time.perf_counter()
-    for data in jpegs:
-        with Image.open(io.BytesIO(data)) as img:
-            pil_to_tensor(flip(rrc(img.convert('RGB'))))
-    return len(jpegs) / (time.process_time() - cpu), len(jpegs) / (time.perf_counter() - wall)
+class PixelStats:
+    """Running per-arm pixel mean and std over all batches (uint8 values)."""
+
+    def __init__(self) -> None:
+        self.n, self.total, self.total_sq = 0, 0.0, 0.0
+
+    def add(self, images: torch.Tensor) -> None:
+        x = images.double()
+        self.n += x.numel()
+        self.total += float(x.sum())
+        self.total_sq += float((x * x).sum())
+
+    def __str__(self) -> str:
+        mean = self.total / max(self.n, 1)
+        return f'mean {mean:6.2f} std {max(self.total_sq / max(self.n, 1) - mean * mean, 0) ** 0.5:6.2f}'
 
 
-class _PlainLoop(IterableDataset):
-    """The baseline loop as a DataLoader dataset: isolates the cost of being a worker process."""
-
-    def __init__(self, jpegs: List[bytes], size: int, batch_size: int) -> None:
-        super().__init__()
-        self.jpegs, self.size, self.batch_size = jpegs, size, batch_size
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        rrc, flip = transforms.RandomResizedCrop(self.size), transforms.RandomHorizontalFlip()
-        batch = []
-        for data in self.jpegs:
-            with Image.open(io.BytesIO(data)) as img:
-                batch.append(pil_to_tensor(flip(rrc(img.convert('RGB')))))
-            if len(batch) == self.batch_size:
-                yield torch.stack(batch)
-                batch = []
-
-
-def loader_rate(loader: Iterable, epoch: Optional[int] = None) -> Tuple[float, float]:
-    """(images per CPU second of the worker process, images per wall second) over one whole epoch."""
-    if epoch is not None:
-        loader.set_epoch(epoch)
+def worker_rate(loader: Iterable, stats: PixelStats) -> Tuple[float, float]:
+    """(images per CPU second of the one worker process, images per wall second) over one whole epoch."""
     it = iter(loader)
-    pid = it._workers[0].pid  # the persistent worker; it idles between epochs
+    inner = getattr(it, '_workers', None)
+    if inner is None:  # our WdsLoader wraps the DataLoader iterator
+        inner = loader.loader._iterator._workers if loader.loader._iterator is not None else None
+    pid = inner[0].pid
     cpu, wall, count = _cpu_seconds(pid), time.perf_counter(), 0
     for batch in it:
-        count += (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
+        images = batch[0]
+        count += images.shape[0]
+        stats.add(images)
     return count / (_cpu_seconds(pid) - cpu), count / (time.perf_counter() - wall)
 
 
-def in_process_rate(loader, epoch: int) -> Tuple[float, float]:
-    """(images per CPU second, per wall second) of a ``num_workers=0`` loader run in this process."""
-    loader.set_epoch(epoch)
-    cpu, wall = time.process_time(), time.perf_counter()
-    count = sum(images.shape[0] for images, _ in loader)
-    return count / (time.process_time() - cpu), count / (time.perf_counter() - wall)
-
-
 def cpu_model() -> str:
-    with open('/proc/cpuinfo') as f:
-        for line in f:
-            if line.startswith('model name'):
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith('Model name'):
                 return line.split(':', 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
     return platform.processor()
+
+
+def build_arms(workdir: str, args: argparse.Namespace) -> Dict[str, Iterable]:
+    """The six loaders, each with one persistent worker, over the same shards."""
+    from timm.data import create_dataset, create_loader
+    source = resolve_source(workdir, 'train')
+    arms: Dict[str, Iterable] = {}
+    for jitter_name, jitter in (('', None), (' + jitter 0.4', 0.4)):
+        dataset = create_dataset('wds/bench', root=workdir, split='train', is_training=True,
+                                 batch_size=args.batch_size, seed=0, sample_shuffle_size=256, sample_initial_size=64)
+        timm_loader = create_loader(dataset, input_size=(3, args.size, args.size), batch_size=args.batch_size,
+                                    is_training=True, color_jitter=jitter, interpolation='bilinear', num_workers=1,
+                                    device=torch.device('cpu'), use_prefetcher=True, persistent_workers=True)
+        arms['timm create_loader' + jitter_name] = timm_loader.loader  # the DataLoader; normalising is not worker work
+        for decode in ('pil', 'fast'):
+            arms[f'ours decode={decode}' + jitter_name] = create_train_loader(
+                source, batch_size=args.batch_size, img_size=args.size, num_workers=1, seed=0, color_jitter=jitter,
+                interpolation='bilinear', shuffle_buffer=256, decode=decode)
+    return arms
+
+
+def reduced_share(jpegs: List[bytes], size: int, draws: int = 20) -> float:
+    """Share of timm crops (``draws`` per image) that are >= 2x the output: decoded at reduced scale."""
+    rng, hits, total = random.Random(0), 0, 0
+    for data in jpegs:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+        for _ in range(draws):
+            _, _, h, w = sample_crop(width, height, rng=rng)
+            hits += draft_scale(h, w, size, size) > 1
+            total += 1
+    return hits / total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--images', type=int, default=512, help='JPEGs to make (one epoch of the loader)')
+    parser.add_argument('--images', type=int, default=1024, help='JPEGs to make (one epoch of each loader)')
     parser.add_argument('--width', type=int, default=500)
     parser.add_argument('--height', type=int, default=375)
     parser.add_argument('--quality', type=int, default=90)
     parser.add_argument('--size', type=int, default=224, help='training crop size')
     parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--rounds', type=int, default=5, help='alternating timing rounds; the best counts')
+    parser.add_argument('--rounds', type=int, default=6, help='alternating timing rounds')
+    parser.add_argument('--synthetic', action='store_true', help='generated images instead of real photographs')
     parser.add_argument('--workdir', help='where to write the shards (default: a temp folder)')
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
 
-    rng = np.random.default_rng(0)
-    jpegs = [photo_like_jpeg(rng, args.width, args.height, args.quality) for _ in range(args.images)]
+    if args.synthetic:
+        rng = np.random.default_rng(0)
+        jpegs = [photo_like_jpeg(rng, args.width, args.height, args.quality) for _ in range(args.images)]
+    else:
+        jpegs = photo_jpegs(args.images, args.width, args.height, args.quality)
     workdir = args.workdir or tempfile.mkdtemp(prefix='esam_loader_bench_')
     records = [ShardRecord(key=f'img{i:06d}', image=data, ext='jpg', label=i % 1000) for i, data in enumerate(jpegs)]
-    write_info(workdir, 'bench', {'train': write_split(records, workdir, 'train', prefix='bench', max_count=128,
+    write_info(workdir, 'bench', {'train': write_split(records, workdir, 'train', prefix='bench', max_count=256,
                                                        progress=False)})
-    source = resolve_source(workdir, 'train')
-    common = dict(batch_size=args.batch_size, img_size=args.size, num_workers=1, seed=0,
-                  interpolation='bilinear', shuffle_buffer=256)
-    same_aug = create_train_loader(source, color_jitter=0., **common)
-    same_aug_inline = create_train_loader(source, color_jitter=0., **dict(common, num_workers=0))
-    timm_default = create_train_loader(source, color_jitter=0.4, **common)
-    plain_worker = DataLoader(_PlainLoop(jpegs, args.size, args.batch_size), batch_size=None, num_workers=1,
-                              persistent_workers=True)
+    arms = build_arms(workdir, args)
 
-    print(f'machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}')
-    print(f'{args.images} JPEGs {args.width}x{args.height} q{args.quality}, '
-          f'mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB; crop {args.size}, batch {args.batch_size}')
-    names = {'baseline': 'baseline: PIL decode + RandomResizedCrop + flip, 1 process',
-             'plain_worker': 'the same loop inside 1 DataLoader worker (+ stacking)',
-             'ours_inline': 'wds train loader in this process (num_workers=0), same augmentations',
-             'ours': 'wds train loader, 1 worker, same augmentations',
-             'ours_jitter': 'wds train loader, 1 worker, + color_jitter 0.4 (timm default)'}
-    best = {k: (0., 0.) for k in names}
+    print(f'machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; date {time.strftime("%Y-%m-%d %H:%M %Z")}')
+    print(f'{args.images} {"synthetic" if args.synthetic else "real-photo"} JPEGs {args.width}x{args.height} '
+          f'q{args.quality}, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB; crop {args.size}, '
+          f'batch {args.batch_size}, 1 worker per loader; crops decoded at reduced DCT scale by decode=fast: '
+          f'{reduced_share(jpegs, args.size):.1%}')
+    rates: Dict[str, List[Tuple[float, float]]] = {name: [] for name in arms}
+    stats = {name: PixelStats() for name in arms}
+    names = list(arms)
+    for name in names:  # untimed: starts each persistent worker (imports, first shard opens)
+        worker_rate(arms[name], PixelStats())
     for r in range(args.rounds):
-        rates = {'baseline': baseline_rate(jpegs, args.size), 'plain_worker': loader_rate(plain_worker),
-                 'ours_inline': in_process_rate(same_aug_inline, r), 'ours': loader_rate(same_aug, r),
-                 'ours_jitter': loader_rate(timm_default, r)}
-        print(f'round {r}: ' + ', '.join(f'{k} {c:.0f}/cpu-s {w:.0f}/s' for k, (c, w) in rates.items()))
-        best = {k: (max(best[k][0], rates[k][0]), max(best[k][1], rates[k][1])) for k in names}
-    print('best of rounds, images per CPU-second of the process | per wall-second:')
-    for k, label in names.items():
-        print(f'  {label:<72} {best[k][0]:6.0f} | {best[k][1]:6.0f}')
-    print(f'ratio ours / baseline per core: {best["ours"][0] / best["baseline"][0]:.3f} '
-          f'(wall clock: {best["ours"][1] / best["baseline"][1]:.3f})')
-    print(f'ratio ours / same loop in a worker per core: {best["ours"][0] / best["plain_worker"][0]:.3f}')
-    print(f'ratio ours in-process / baseline per core: {best["ours_inline"][0] / best["baseline"][0]:.3f}')
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            rates[name].append(worker_rate(arms[name], stats[name]))
+        print(f'round {r}: ' + ', '.join(f'{n} {rates[n][-1][0]:.0f}/cpu-s' for n in names), flush=True)
+
+    print('\nimages per CPU-second of the worker (best | median of rounds), per wall-second (median), pixel stats:')
+    for name in names:
+        cpu = [c for c, _ in rates[name]]
+        wall = [w for _, w in rates[name]]
+        print(f'  {name:<32} {max(cpu):6.0f} | {statistics.median(cpu):6.0f}   {statistics.median(wall):6.0f}/s   '
+              f'{stats[name]}')
+    for suffix in ('', ' + jitter 0.4'):
+        timm_best = max(c for c, _ in rates['timm create_loader' + suffix])
+        timm_med = statistics.median(c for c, _ in rates['timm create_loader' + suffix])
+        for decode in ('pil', 'fast'):
+            cpu = [c for c, _ in rates[f'ours decode={decode}' + suffix]]
+            print(f'ratio ours decode={decode}{suffix} / timm per CPU-second: best {max(cpu) / timm_best:.2f}, '
+                  f'median {statistics.median(cpu) / timm_med:.2f}')
+
 
 if __name__ == '__main__':
     main()
