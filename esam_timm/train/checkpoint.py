@@ -222,8 +222,9 @@ def _warn_taken(taken: Sequence[str], chosen: str) -> None:
         latest = max(newest, key=os.path.getmtime)
         hint = (f'; to continue the latest of them instead, pass --resume {latest} (or --resume auto, which '
                 f'picks the latest run with the same settings)')
-    _logger.warning('Run folder%s %s hold%s other runs; this run writes to %s%s', 's' if len(taken) > 1 else '',
-                    ', '.join(taken), '' if len(taken) > 1 else 's', chosen, hint)
+    held = f'Run folders {", ".join(taken)} hold other runs' if len(taken) > 1 else \
+        f'Run folder {taken[0]} holds another run'
+    _logger.warning('%s; this run writes to %s%s', held, chosen, hint)
 
 
 def resume_command(checkpoint: str, argv: Optional[Sequence[str]], args_file: str) -> str:
