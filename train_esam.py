@@ -11,7 +11,7 @@ Every way a run ends early is one message on stderr and an exit code:
   1    it failed on the way: more unreadable data than --max-bad-fraction, divergence (non-finite
        loss or weights), a full disk;
   128 + signal (130, 143)    SIGINT/SIGTERM stopped it after writing a checkpoint; the message holds
-       the command that resumes it.
+       the command that resumes it (130 also for a Ctrl-C during setup or shutdown, at once).
 """
 import sys
 
@@ -34,6 +34,10 @@ def main() -> None:
     except TrainingStopped as e:
         sys.stderr.write(f'train_esam.py: {e}\n')
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C during setup or shutdown (the trainer handles it while it trains)
+        sys.stderr.write('train_esam.py: interrupted (SIGINT) during setup or shutdown; checkpoints already '
+                         'written are intact\n')
+        sys.exit(130)
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ import os
 import pytest
 import yaml
 
+from esam_timm.selection import list_sds_modes
 from esam_timm.train import parse_args, resolve_lr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +118,7 @@ def test_unknown_flag(capsys):
     (['--amp-dtype', 'float8'], "--amp-dtype must be one of ['bfloat16', 'float16'], got 'float8'"),
     (['--clip-mode', 'l3'], "--clip-mode must be one of ['norm', 'value', 'agc'], got 'l3'"),
     (['--esam-bn-mode', 'none'], "--esam-bn-mode must be one of ['clean', 'all'], got 'none'"),
-    (['--esam-sds', 'fast'], "--esam-sds must be one of ['exact', 'first-order', 'loss'], got 'fast'"),
+    (['--esam-sds', 'fast'], f"--esam-sds must be one of {list_sds_modes()}, got 'fast'"),
     (['--sched', 'linear'], "--sched must be one of"),
     (['--model', 'resnet9000'], "--model 'resnet9000' is not a timm model"),
     (['--opt', 'sgdd'], "--opt 'sgdd' is not an optimizer timm knows"),
