@@ -201,8 +201,10 @@ def train_step(
         bn_mode: 'clean' (running stats end as the clean pass F1 left them) or 'all' (every pass
             updates them, as the authors' code did).
         guard_nonfinite: never apply an update whose loss or final gradient is not finite (costs one
-            host sync per update). Without an fp16 scaler such an update is skipped; with one, the scaler
-            skips it as an overflow, as it always does.
+            host sync per update). Without an fp16 scaler such an update is skipped and BatchNorm's running
+            statistics are put back as they were before it; with a scaler, the scaler skips it as an
+            overflow, as it always does. Under DDP the final gradient is all-reduced, so all ranks agree
+            unless a rank's loss alone is non-finite with a finite gradient.
 
     Returns:
         Tensors (no host sync is made for them; call ``.item()`` when logging): ``loss`` (mean clean
@@ -221,6 +223,9 @@ def train_step(
         scaler = None
     passes = _Passes(model, loss_fn, inputs.device.type, amp_dtype, scaler, len(micro_batches))
     optimizer.zero_grad(set_to_none=True)
+    # a skipped non-finite update must leave no trace, also not in BatchNorm's running statistics
+    guarded_buffers = _running_stat_buffers(model) if guard_nonfinite else []
+    buffers_before = torch._foreach_clone(guarded_buffers) if guarded_buffers else []
     sam = find_sam(optimizer)
     if sam is None:
         clean = []
@@ -231,13 +236,17 @@ def train_step(
             clean.append(losses.detach())
         loss = torch.cat(clean).mean()
         grad_norm, flags = passes.finish(optimizer, loss, clip_grad, clip_mode, guard_nonfinite)
-        return {'loss': loss, 'grad_norm': grad_norm, **_optimizer_stats(optimizer), **flags}
-    _refuse_sharded_model(model)
-    try:
-        return _sam_step(passes, sam, optimizer, micro_batches, clip_grad=clip_grad, clip_mode=clip_mode,
-                         bn_mode=bn_mode, guard_nonfinite=guard_nonfinite)
-    finally:
-        sam.ascent_taken = False  # also when the scaler skipped the step: the next step needs a new ascent
+        stats = {'loss': loss, 'grad_norm': grad_norm, **_optimizer_stats(optimizer), **flags}
+    else:
+        _refuse_sharded_model(model)
+        try:
+            stats = _sam_step(passes, sam, optimizer, micro_batches, clip_grad=clip_grad, clip_mode=clip_mode,
+                              bn_mode=bn_mode, guard_nonfinite=guard_nonfinite)
+        finally:
+            sam.ascent_taken = False  # also when the scaler skipped the step: the next step needs a new ascent
+    if stats.get('skipped_nonfinite') and guarded_buffers:
+        torch._foreach_copy_(guarded_buffers, buffers_before)
+    return stats
 
 
 def _optimizer_stats(optimizer: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:

@@ -449,3 +449,16 @@ def test_esam_step_is_unchanged_by_gradient_checkpointing():
             train_step(m, opt, x, y, PerSampleCrossEntropy())
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_guard_leaves_batchnorm_statistics_of_a_skipped_update_untouched():
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=0.05, beta=0.5, gamma=0.5)
+    x, y = batches(1, batch=8)[0]
+    train_step(model, optimizer, x, y, PerSampleCrossEntropy(), guard_nonfinite=True)
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if 'running' in k or 'num_batches' in k}
+    x[0, 0, 0, 0] = float('nan')  # one bad pixel: every BN statistic downstream becomes NaN
+    stats = train_step(model, optimizer, x, y, PerSampleCrossEntropy(), guard_nonfinite=True)
+    assert stats['skipped_nonfinite'] is True
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items())
