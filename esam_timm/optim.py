@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from .selection import SDSMode, get_sds_mode
 
-__all__ = ['ESAM', 'SAM', 'find_sam', 'DEFAULT_BETA', 'DEFAULT_GAMMA']
+__all__ = ['ESAM', 'SAM', 'find_sam', 'DEFAULT_BETA', 'DEFAULT_GAMMA', 'DEFAULT_RHO']
 
 ASCENT_EPS = 1e-7  # added to the gradient norm, as in the released code
 
@@ -27,6 +27,7 @@ ASCENT_EPS = 1e-7  # added to the gradient norm, as in the released code
 # released code's CIFAR ResNet-18 run, the setting its headline numbers come from, used beta 0.6, gamma 0.5.
 DEFAULT_BETA = 0.6
 DEFAULT_GAMMA = 0.5
+DEFAULT_RHO = 0.05  # ESAM's and SAM's ascent radius (the released CIFAR ResNet-18 setting)
 
 # Optimizers of this package that wrap a base optimizer: none of them can be a base optimizer itself.
 WRAPPER_NAMES = ('esam', 'sam', 'msam')
@@ -199,7 +200,7 @@ class ESAM(BaseOptimizerWrapper):
             self,
             params: ParamsT,
             base_optimizer: Union[str, Type[Optimizer]] = 'sgd',
-            rho: float = 0.05,
+            rho: float = DEFAULT_RHO,
             beta: float = DEFAULT_BETA,
             gamma: float = DEFAULT_GAMMA,
             sds: Union[str, SDSMode] = 'exact',
@@ -402,7 +403,7 @@ class SAM(ESAM):
     signature that they are taken (and passes them on to the base optimizer)."""
 
     def __init__(self, params: ParamsT, base_optimizer: Union[str, Type[Optimizer]] = 'sgd',
-                 rho: float = 0.05, beta: float = 1.0, gamma: float = 1.0, momentum: Optional[float] = None,
+                 rho: float = DEFAULT_RHO, beta: float = 1.0, gamma: float = 1.0, momentum: Optional[float] = None,
                  eps: Optional[float] = None, betas: Optional[Tuple[float, ...]] = None, **kwargs: Any) -> None:
         if beta != 1.0 or gamma != 1.0:
             raise ValueError(

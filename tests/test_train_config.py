@@ -351,3 +351,18 @@ def test_esam_defaults_are_the_optimizers():
     from esam_timm.train import build_parser
     parser = build_parser()
     assert parser.get_default('esam_beta') is DEFAULT_BETA and parser.get_default('esam_gamma') is DEFAULT_GAMMA
+
+
+def test_msam_flags(caplog):
+    """msam gets its own radius by default, ESAM/SAM theirs; an ESAM-sized --rho for msam and ESAM-only
+    flags are warned about; msam cannot be a base optimizer."""
+    args, _ = parse_args(['--demo', '--opt', 'msam'])
+    assert args.rho == 3.0
+    args, _ = parse_args(['--demo', '--opt', 'esam'])
+    assert args.rho == 0.05
+    with caplog.at_level(logging.WARNING):
+        args, _ = parse_args(['--demo', '--opt', 'msam', '--rho', '0.05', '--esam-gamma', '0.4'])
+    assert args.rho == 0.05
+    assert 'ESAM/SAM-sized radius' in caplog.text and 'ignores --esam-gamma' in caplog.text
+    with pytest.raises(SystemExit):
+        parse_args(['--demo', '--base-opt', 'msam'])

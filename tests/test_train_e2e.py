@@ -54,6 +54,36 @@ def test_f2_free_sds_from_the_cli(demo_dir, tmp_path, sds):
     assert ('train_sharpness' in rows[0]) == (sds == 'first-order')
 
 
+def test_msam_from_the_cli_checkpoints_the_clean_weights(demo_dir, tmp_path):
+    """--opt msam trains one pass per update at w - rho v / ||v|| (rho 3 by default: msam's own), reports
+    ||w~ - w|| (0 on the very first update, no momentum yet), and saves w, never w~."""
+    trainer, metrics = _train(demo_dir, tmp_path, '--opt', 'msam', '--epochs', '2')
+    from esam_timm import MSAM
+    assert isinstance(trainer.optimizer, MSAM) and trainer.optimizer.rho == 3.0 and trainer.sam is None
+    assert not trainer.optimizer.perturbed
+    rows = _summary(os.path.join(tmp_path, 'run'))
+    assert float(rows[1]['train_loss']) < float(rows[0]['train_loss'])
+    assert float(rows[0]['train_perturb_norm']) == pytest.approx(3.0 * (BATCHES_PER_EPOCH - 1) / BATCHES_PER_EPOCH)
+    assert float(rows[1]['train_perturb_norm']) == pytest.approx(3.0)
+    assert 'train_sharpness' not in rows[0] and metrics['eval_top1'] > 10.0  # above chance
+    ckpt = torch.load(os.path.join(tmp_path, 'run', 'last.pth.tar'), map_location='cpu', weights_only=True)
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(ckpt['state_dict'][name], tensor), name
+
+
+def test_msam_resumes_bitwise(demo_dir, tmp_path):
+    common = ['--opt', 'msam', '--rho', '2.0', '--recovery-interval', '4', '--workers', '0']
+    _, full = _train(demo_dir, tmp_path / 'full', *common)
+    with pytest.raises(_Killed):
+        _train(demo_dir, tmp_path / 'killed', *common, callbacks=[_kill_at(0, 7)])
+    killed_dir = tmp_path / 'killed' / 'run'
+    _train(demo_dir, tmp_path / 'killed', *common, '--resume', str(killed_dir / 'recovery-0-4.pth.tar'))
+    a = torch.load(tmp_path / 'full' / 'run' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    b = torch.load(killed_dir / 'last.pth.tar', map_location='cpu', weights_only=True)
+    for name, tensor in a['state_dict'].items():
+        assert torch.equal(tensor, b['state_dict'][name]), name
+
+
 @pytest.mark.slow
 def test_torchcompile_first_order_run(demo_dir, tmp_path):
     from torch._dynamo.utils import counters
@@ -212,10 +242,10 @@ def test_resume_inside_an_accumulation_window_is_refused(demo_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('accum', [1, 4])
-def test_torchrun_two_processes_gloo(demo_dir, tmp_path, accum):
+@pytest.mark.parametrize('accum, opt', [(1, 'esam'), (4, 'esam'), (2, 'msam')])
+def test_torchrun_two_processes_gloo(demo_dir, tmp_path, accum, opt):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-           os.path.join(REPO, 'train_esam.py'), *_argv(demo_dir, tmp_path, '--opt', 'esam', '--epochs', '1',
+           os.path.join(REPO, 'train_esam.py'), *_argv(demo_dir, tmp_path, '--opt', opt, '--epochs', '1',
                                                       '-b', '16', '--grad-accum-steps', str(accum),
                                                       '--dist-bn', 'reduce' if accum > 1 else '')]
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -229,7 +259,10 @@ def test_torchrun_two_processes_gloo(demo_dir, tmp_path, accum):
     assert f'1 epochs of 10 batches ({-(-10 // accum)} updates)' in log
     rows = _summary(tmp_path / 'run')
     assert [r['epoch'] for r in rows] == ['0']
-    assert float(rows[0]['train_selected_share']) == 0.5
+    if opt == 'esam':
+        assert float(rows[0]['train_selected_share']) == 0.5
+    else:  # the first of the 5 updates has no momentum yet
+        assert float(rows[0]['train_perturb_norm']) == pytest.approx(3.0 * 4 / 5)
 
 
 def test_image_folder_dataset(tmp_path):

@@ -1,7 +1,8 @@
 """Command line and YAML configuration of the ESAM training script.
 
 Flag names and meanings follow timm's ``train.py`` so that timm users can carry their command lines
-over; ESAM adds ``--rho``, ``--esam-beta``, ``--esam-gamma``, ``--esam-sds`` and ``--esam-bn-mode``.
+over; ESAM adds ``--rho``, ``--esam-beta``, ``--esam-gamma``, ``--esam-sds`` and ``--esam-bn-mode``
+(``--opt msam``, Momentum-SAM, reads ``--rho`` and ``--base-opt``).
 
 A ``-c/--config`` YAML file supplies defaults (keys are the argparse destinations, ``batch_size``
 or ``batch-size``); flags given on the command line override it. A YAML value passes the checks the
@@ -21,7 +22,9 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, Set, Tuple
 import yaml
 
 from esam_timm.optim import DEFAULT_BETA, DEFAULT_GAMMA
-from esam_timm.registry import SAM_FAMILY, is_sam_family, optimizer_kind
+from esam_timm.msam import DEFAULT_RHO as MSAM_DEFAULT_RHO
+from esam_timm.optim import DEFAULT_RHO as SAM_DEFAULT_RHO, WRAPPER_NAMES
+from esam_timm.registry import is_msam, is_sam_family, optimizer_kind
 from esam_timm.selection import list_sds_modes
 from esam_timm.step import BN_MODES, CLIP_MODES
 
@@ -81,9 +84,11 @@ _NEEDS = (
     ('layer_decay_no_opt_scale', 'layer_decay'),
 )
 # ESAM/SAM flags and the optimizers that read them: every non-SAM optimizer ignores all five; plain
-# SAM (beta = gamma = 1) ignores the ESAM-only three.
+# SAM (beta = gamma = 1) ignores the ESAM-only three; msam reads only --rho (and --base-opt).
 _SAM_FLAGS = ('rho', 'esam_beta', 'esam_gamma', 'esam_sds', 'esam_bn_mode')
 _ESAM_ONLY_FLAGS = ('esam_beta', 'esam_gamma', 'esam_sds')
+_NOT_MSAM_FLAGS = ('esam_beta', 'esam_gamma', 'esam_sds', 'esam_bn_mode')
+MSAM_SMALL_RHO = 0.5  # below this an msam radius is almost surely an ESAM-sized rho from a config
 
 
 def _kv_pair(text: str) -> Tuple[str, Any]:
@@ -184,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Optimizer')
     group.add_argument('--opt', default='esam', metavar='NAME',
-                       help="optimizer: esam, sam, or any timm optimizer (sgd, adamw, ...); "
-                            "esam/sam use --base-opt")
+                       help="optimizer: esam, sam, msam (Momentum-SAM: one pass, SGD's cost), or any timm "
+                            "optimizer (sgd, adamw, ...); esam/sam/msam use --base-opt")
     group.add_argument('--base-opt', default='sgd', metavar='NAME',
-                       help='base optimizer that ESAM/SAM wraps')
+                       help='base optimizer that ESAM/SAM/MSAM wraps (msam: sgd, nesterov, momentum, adam, adamw)')
     group.add_argument('--opt-eps', default=None, type=float, metavar='EPS')
     group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
     group.add_argument('--momentum', type=float, default=0.9, metavar='M')
@@ -202,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='with --layer-decay: freeze the layers whose lr scale is below this')
     group.add_argument('--opt-kwargs', nargs='*', default={}, type=_kv_pair, metavar='K=V',
                        help='extra optimizer keyword arguments')
-    group.add_argument('--rho', type=float, default=0.05, help='ESAM/SAM perturbation radius')
+    group.add_argument('--rho', type=float, default=None,
+                       help=f'perturbation radius (default: {SAM_DEFAULT_RHO} for esam/sam, '
+                            f'{MSAM_DEFAULT_RHO} for msam, whose ||w~ - w|| is rho)')
     group.add_argument('--esam-beta', type=float, default=DEFAULT_BETA,
                        help='ESAM share of weight tensors perturbed (SWP); 1 = all; the default is the paper\'s, '
                             'shared with ESAM() and create_optimizer_v2(model, \'esam\')')
@@ -507,12 +514,12 @@ def validate_args(args: argparse.Namespace) -> None:
         _check(bool(args.pretrained_path),
                '--pretrained needs --pretrained-path FILE: weights are only loaded from a local file, '
                'never downloaded')
-    known_opts = set(list_optimizers()) | set(SAM_FAMILY)
+    known_opts = set(list_optimizers()) | set(WRAPPER_NAMES)
     for flag, name in (('opt', args.opt), ('base-opt', args.base_opt)):
         _check(optimizer_kind(name) in known_opts, f'--{flag} {name!r} is not an optimizer timm knows; '
-                                                   f'use esam, sam or one of timm.optim.list_optimizers()')
-    _check(not is_sam_family(args.base_opt),
-           f'--base-opt {args.base_opt!r} cannot be esam/sam itself; use e.g. sgd or adamw')
+                                                   f'use esam, sam, msam or one of timm.optim.list_optimizers()')
+    _check(optimizer_kind(args.base_opt) not in WRAPPER_NAMES,
+           f'--base-opt {args.base_opt!r} cannot be esam/sam/msam itself; use e.g. sgd or adamw')
     positive('rho', args.rho)
     in_range('esam-beta', args.esam_beta, 0., 1., lo_open=True)
     in_range('esam-gamma', args.esam_gamma, 0., 1., lo_open=True)
@@ -663,6 +670,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, st
         args.data_dir = args.data
     args.opt_kwargs = dict(args.opt_kwargs)
     args.model_kwargs = dict(args.model_kwargs)
+    if args.rho is None:  # each optimizer's own radius: msam's rho is ||w~ - w|| itself
+        args.rho = MSAM_DEFAULT_RHO if is_msam(args.opt) else SAM_DEFAULT_RHO
     device_origin = (f'--device {args.device!r}' if 'device' in on_command_line or not known.config
                      else f'device: {args.device} in config file {known.config!r}')
     try:
@@ -689,7 +698,16 @@ def _warn_inert_flags(args: argparse.Namespace, explicit: Set[str]) -> None:
     def flags(dests: Sequence[str]) -> str:
         return ', '.join('--' + d.replace('_', '-') for d in dests)
 
-    if not is_sam_family(args.opt):
+    if is_msam(args.opt):
+        unused = [d for d in _NOT_MSAM_FLAGS if d in explicit]
+        if unused:
+            _logger.warning('--opt %s is Momentum-SAM (one pass at w - rho v / ||v||) and ignores %s (use '
+                            '--opt esam to apply them)', args.opt, flags(unused))
+        if 'rho' in explicit and args.rho < MSAM_SMALL_RHO:
+            _logger.warning('--rho %g is an ESAM/SAM-sized radius, but msam moves the weights by exactly rho '
+                            '(along the unit momentum direction): its authors use 2-3 (default %g); with a '
+                            'config made for esam, pass --rho for msam explicitly', args.rho, MSAM_DEFAULT_RHO)
+    elif not is_sam_family(args.opt):
         unused = [d for d in _SAM_FLAGS if d in explicit]
         if unused:
             _logger.warning('--opt %s is not ESAM/SAM and ignores %s (use --opt esam or sam to apply them)',

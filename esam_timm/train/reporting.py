@@ -154,8 +154,8 @@ def format_train_line(epoch: int, batch: int, num_batches: int, interval: Mappin
     """One console line in timm's style: each value over the last interval (the epoch's running average).
 
     Position, loss, global samples/s, lr, data time and, for SAM/ESAM, sharpness, the selected share
-    and the epoch's skipped ascents so far (summed over ranks); with the non-finite guard, the epoch's
-    skipped updates so far.
+    and the epoch's skipped ascents so far (summed over ranks); for msam, the perturbation norm; with the
+    non-finite guard, the epoch's skipped updates so far.
     """
     def pair(key: str, spec: str, scale: float = 1.0) -> str:
         now, avg = interval.get(key), running.get(key)
@@ -170,12 +170,14 @@ def format_train_line(epoch: int, batch: int, num_batches: int, interval: Mappin
         f'LR: {lr:.3e}',
         f'Data: {pair("data_time", ".1f", 1000.0)} ms',
     ]
-    if 'sharpness' in running or 'perturb_norm' in running:
+    if 'sharpness' in running or 'skipped_ascents' in running:
         parts += [
             f'Sharpness: {pair("sharpness", ".4f")}',
             f'Selected: {interval["selected_share"]:.2f}',
             f'Skipped ascents: {int(running.get("skipped_ascents", 0))}',
         ]
+    elif 'perturb_norm' in running:  # msam: no ascent, no selection; its ||w~ - w||
+        parts.append(f'Perturb: {pair("perturb_norm", ".3f")}')
     if 'skipped_nonfinite' in running:
         skipped = int(running['skipped_nonfinite'] + running.get('skipped_overflow', 0))
         parts.append(f'Skipped updates: {skipped}')

@@ -44,7 +44,8 @@ from esam_timm import create_per_sample_loss, find_sam, train_step
 from esam_timm.distributed import all_reduce_sum
 from esam_timm.fileio import atomic_write_text
 from esam_timm.head import classifier_tap
-from esam_timm.registry import is_sam_family, optimizer_kind
+from esam_timm.msam import find_msam
+from esam_timm.registry import is_msam, is_sam_family, optimizer_kind
 
 from .checkpoint import (ARGS_NAME, CheckpointManager, RunFolder, RunFolderBusy, claim_run_folder,
                          find_resume_checkpoint, resume_command, state_dict_mismatch)
@@ -76,7 +77,7 @@ def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
         return args.lr
     global_batch = args.batch_size * world_size * args.grad_accum_steps
     ratio = global_batch / args.lr_base_size
-    opt = (args.base_opt if is_sam_family(args.opt) else args.opt).lower()
+    opt = (args.base_opt if is_sam_family(args.opt) or is_msam(args.opt) else args.opt).lower()
     scale = args.lr_base_scale or ('sqrt' if ('ada' in opt or 'lamb' in opt) else 'linear')
     if scale == 'sqrt':
         ratio = math.sqrt(ratio)
@@ -300,6 +301,8 @@ class Trainer:
             kwargs.update(base_optimizer=args.base_opt, rho=args.rho, seed=args.seed)
             if kind == 'esam':
                 kwargs.update(beta=args.esam_beta, gamma=args.esam_gamma, sds=args.esam_sds)
+        elif is_msam(kind):
+            kwargs.update(base_optimizer=args.base_opt, rho=args.rho)
         kwargs.update(args.opt_kwargs)
         return create_optimizer_v2(
             self.model, opt=args.opt, lr=self.lr, weight_decay=args.weight_decay, momentum=args.momentum,
@@ -316,11 +319,17 @@ class Trainer:
             updates_per_epoch=self.updates_per_epoch)
 
     def _optimizer_description(self) -> str:
-        if self.sam is None:
+        msam = find_msam(self.optimizer)
+        if self.sam is not None:
+            inner = self.sam
+            what = (f'{type(inner).__name__}(rho={inner.rho}, beta={inner.beta}, gamma={inner.gamma}, '
+                    f'sds={inner.sds}, base={type(inner.base_optimizer).__name__})')
+        elif msam is not None:
+            inner = msam
+            what = f'MSAM(rho={inner.rho}, base={type(inner.base_optimizer).__name__})'
+        else:
             return type(self.optimizer).__name__
-        what = (f'{type(self.sam).__name__}(rho={self.sam.rho}, beta={self.sam.beta}, gamma={self.sam.gamma}, '
-                f'sds={self.sam.sds}, base={type(self.sam.base_optimizer).__name__})')
-        return what if self.optimizer is self.sam else f'{type(self.optimizer).__name__}({what})'
+        return what if self.optimizer is inner else f'{type(self.optimizer).__name__}({what})'
 
     def _log_setup(self) -> None:
         args = self.args
