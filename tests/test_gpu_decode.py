@@ -12,7 +12,7 @@ from esam_timm.data.batch_aug import BatchAugment
 from esam_timm.data.decode import EncodedCrop, EncodedImage, pack_encoded, resized_crop
 from esam_timm.data.gpu_decode import GpuDecodeLoader, check_cuda_device
 from esam_timm.data.prefetch import DevicePrefetcher
-from esam_timm.data.report import DataReport
+from esam_timm.data.bad_data import DataReport
 from test_data_decode import photo_jpeg
 
 SIZE = (48, 48)
@@ -108,11 +108,11 @@ def test_through_the_device_prefetcher_with_augmentation():
 
 
 def test_refuses_without_cuda_naming_the_cpu_alternative():
-    with pytest.raises(RuntimeError, match='--decode fast') as info:
+    with pytest.raises(ValueError, match='--decode fast') as info:
         check_cuda_device('cpu')
     assert '\n' not in str(info.value)
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match='--decode fast'):
+        with pytest.raises(ValueError, match='--decode fast'):
             check_cuda_device('cuda')
 
 

@@ -27,7 +27,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from .batch_aug import BatchAugment
 from .decode import INTERPOLATIONS, EncodedBatch
-from .report import DataReport
+from .bad_data import DataReport
 from .sources import ShardSource
 from .tar import describe_error
 from .wds import create_train_loader
@@ -41,10 +41,11 @@ Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
 def check_cuda_device(device: Union[str, torch.device]) -> torch.device:
-    """``device`` as a CUDA device, or RuntimeError in one line naming the CPU alternative."""
+    """``device`` as a CUDA device, or ValueError in one line naming the CPU alternative (a bad setting,
+    so ``train_esam.py`` reports it as one: exit code 2)."""
     device = torch.device(device)
     if device.type != 'cuda' or not torch.cuda.is_available():
-        raise RuntimeError(f'GPU decode needs a CUDA device (got {str(device)!r}, torch.cuda.is_available() is '
+        raise ValueError(f'GPU decode needs a CUDA device (got {str(device)!r}, torch.cuda.is_available() is '
                            f'{torch.cuda.is_available()}): decode on the CPU workers instead with --decode fast')
     return device
 
@@ -153,7 +154,7 @@ def create_gpu_train_loader(source: ShardSource, *, device: Union[str, torch.dev
     """The training loader with GPU decode: :func:`~esam_timm.data.wds.create_train_loader` with
     ``decode='encoded'`` (its other arguments pass through) wrapped in a :class:`GpuDecodeLoader`.
 
-    Raises RuntimeError (one line, naming ``--decode fast``) when ``device`` is not an available CUDA device.
+    Raises ValueError (one line, naming ``--decode fast``) when ``device`` is not an available CUDA device.
     """
     device = check_cuda_device(device)
     host = create_train_loader(source, batch_size=batch_size, img_size=img_size, hflip=0., vflip=0.,

@@ -15,7 +15,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 
-from .report import DataReport
+from .bad_data import DataReport
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 

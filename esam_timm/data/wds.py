@@ -17,7 +17,7 @@ decoded by :mod:`esam_timm.data.decode`) or ``'encoded'`` (header and crop only,
 sample without a label, an unreadable or truncated shard) is skipped without sleeping and counted:
 each worker sends the counts it gathered since its last batch along with the next one (nothing is
 shared between processes, no per-sample round trip), and :meth:`WdsLoader.data_report` sums them
-into the epoch's :class:`~esam_timm.data.report.DataReport` (rules in :mod:`esam_timm.data.report`).
+into the epoch's :class:`~esam_timm.data.bad_data.DataReport` (rules in :mod:`esam_timm.data.bad_data`).
 Per-sample warnings are rate-limited; the report's totals are exact.
 """
 import io
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import EncodedCrop, FastTrainTransform, image_member, pack_encoded
 from .prefetch import LabelRangeError
-from .report import DataReport
+from .bad_data import DataReport
 from .sources import INFO_NAME, ShardSource
 from .tar import ShardReadError, describe_error, read_shard
 
@@ -452,13 +452,13 @@ class WdsLoader:
         return self.num_batches
 
     def data_report(self) -> DataReport:
-        """This rank's :class:`~esam_timm.data.report.DataReport` of the current epoch, summed over its workers.
+        """This rank's :class:`~esam_timm.data.bad_data.DataReport` of the current epoch, summed over its workers.
 
         Each iteration (epoch) starts an empty report. A training report is complete when the
         epoch's last batch has been handed out; a validation report when the iteration has ended
         (a worker may meet bad data after its last batch; ``DevicePrefetcher`` reads one batch
         ahead, so through it both are complete with the last batch). Returns a copy; merge the
-        ranks' reports with :func:`~esam_timm.data.report.reduce_data_report`.
+        ranks' reports with :func:`~esam_timm.data.bad_data.reduce_data_report`.
         """
         return self._report.copy()
 

@@ -50,7 +50,7 @@ def test_bad_fraction_edges():
 
 def test_check_bad_fraction_warns_then_raises_past_the_threshold(caplog):
     report = _report(99, {'x.tar': 1}, {})
-    with caplog.at_level(logging.WARNING, logger='esam_timm.data.report'):
+    with caplog.at_level(logging.WARNING, logger='esam_timm.data.bad_data'):
         check_bad_fraction(report, 0.01, what='val')  # exactly 1%: allowed
     assert 'val: 1 bad of 100 samples (1.00%)' in caplog.text
     caplog.clear()
