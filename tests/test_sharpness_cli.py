@@ -192,8 +192,9 @@ def test_image_folder_batches_are_a_fixed_mix_of_classes(tmp_path, capsys):
     torch.save(timm.create_model('test_resnet', num_classes=3).state_dict(), plain)
     argv = [plain, '--data-dir', str(tmp_path / 'folder'), '--dataset', '', '--model', 'test_resnet',
             '--img-size', '32', '-b', '4', '--num-batches', '2']
-    subset = _open_split(build_parser().parse_args(argv), 'train')
-    assert len(subset) == 8 and subset.indices == _open_split(build_parser().parse_args(argv), 'train').indices
+    _, split = _open_split(build_parser().parse_args(argv), 'train')
+    subset = split.data
+    assert len(subset) == 8 and subset.indices == _open_split(build_parser().parse_args(argv), 'train')[1].data.indices
     assert len({subset.dataset.reader.samples[i][1] for i in subset.indices}) > 1
     assert main([*QUICK, *argv, '--output', str(tmp_path / 'out')]) == 0  # 3 classes, from the folder
     with open(tmp_path / 'out' / 'sharpness.json') as f:

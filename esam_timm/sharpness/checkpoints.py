@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from esam_timm.train.checkpoint import state_dict_mismatch
+from esam_timm.weights import state_dict_mismatch
 
 __all__ = ['CheckpointError', 'CheckpointState', 'load_model_state', 'load_into', 'state_dict_mismatch']
 

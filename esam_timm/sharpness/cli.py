@@ -21,14 +21,16 @@ import re
 import sys
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from esam_timm.console import setup_logging
+from esam_timm.data.backends import DataBackend, ImageConfig, LoaderConfig, Split, open_data
 from esam_timm.fileio import atomic_write_text
-from esam_timm.train.reporting import WandbLogger, setup_logging
+from esam_timm.wandb_logger import WandbLogger
 
 from .checkpoints import CheckpointState, load_into, load_model_state
 from .core import Batch
@@ -206,76 +208,21 @@ def _device(spec: str) -> torch.device:
     return device
 
 
-def _open_split(args: argparse.Namespace, split: str):
-    """The split's source: a ShardSource cut to its first samples needed (shards are shuffled when written),
-    else a timm dataset (map-style ones cut to a fixed random subset drawn with ``--seed``)."""
-    wanted = args.batch_size * args.num_batches
-    if args.dataset.startswith('wds/'):
-        from esam_timm.data import has_info, resolve_source
-        if not has_info(args.data_dir) and os.path.isdir(os.path.join(args.data_dir, split)):
-            raise UsageError(f'{args.data_dir!r} holds a {split!r} folder but no _info.json: an ImageFolder tree, not '
-                             f'WebDataset shards; read it with --dataset \'\'')
-        source = resolve_source(args.data_dir, split)
-        if source.num_samples > wanted:
-            source = resolve_source(args.data_dir, split, wanted)
-        return source
-    from timm.data import create_dataset
-    dataset = create_dataset(args.dataset, root=args.data_dir, split=split, is_training=False,
-                             batch_size=args.batch_size)
-    if isinstance(dataset, torch.utils.data.IterableDataset) or len(dataset) <= wanted:
-        return dataset
-    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:wanted]
-    return _FixedSubset(dataset, sorted(chosen.tolist()))
+def _open_split(args: argparse.Namespace, split: str) -> Tuple[DataBackend, Split]:
+    """The data backend of ``--dataset`` and the split's ``-b`` x ``--num-batches`` samples that every
+    measurement uses, the same every time (shards: the first ones, shuffled when written; folders: a
+    fixed random subset drawn with ``--seed``, as a folder sorted by class starts with one class)."""
+    backend = open_data(args.dataset, args.data_dir, seed=args.seed, batch_size=args.batch_size)
+    return backend, backend.subset(split, args.batch_size * args.num_batches, args.seed)
 
 
-class _FixedSubset(torch.utils.data.Dataset):
-    """A fixed random subset of a map-style dataset: the first batches of a folder sorted by class would
-    hold one class. ``transform`` is the wrapped dataset's, which timm's ``create_loader`` sets."""
-
-    def __init__(self, dataset: Any, indices: List[int]) -> None:
-        self.dataset = dataset
-        self.indices = indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[self.indices[index]]
-
-    @property
-    def transform(self) -> Any:
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, value: Any) -> None:
-        self.dataset.transform = value
-
-
-def _data_classes(args: argparse.Namespace, source: Any) -> Optional[int]:
-    """The class count the data declares (_info.json / class_map.txt, or the timm dataset's classes)."""
-    if args.dataset.startswith('wds/'):
-        from esam_timm.data import num_classes_from_info
-        return num_classes_from_info(args.data_dir)
-    from esam_timm.train.loaders import dataset_num_classes
-    return dataset_num_classes(source)
-
-
-def _first_batches(args: argparse.Namespace, source: Any, data_config: Dict[str, Any], num_classes: int,
-                   device: torch.device) -> List[Batch]:
-    """The first ``-b`` x ``--num-batches`` samples of the split (eval transforms, normalised on the device
-    as in training) in batches of ``-b``: the data of every measurement, the same for every checkpoint."""
-    common = dict(batch_size=args.batch_size, num_workers=args.workers, mean=data_config['mean'],
-                  std=data_config['std'], interpolation=data_config['interpolation'],
-                  crop_pct=data_config['crop_pct'])
-    if args.dataset.startswith('wds/'):
-        from esam_timm.data import DevicePrefetcher, create_val_loader
-        raw = create_val_loader(source, img_size=data_config['input_size'][1:], persistent_workers=False, **common)
-        loader: Any = DevicePrefetcher(raw, device, mean=data_config['mean'], std=data_config['std'],
-                                       channels_last=False, num_classes=num_classes)
-    else:
-        from timm.data import create_loader
-        loader = create_loader(source, input_size=data_config['input_size'], is_training=False, use_prefetcher=True,
-                               device=device, **common)
+def _first_batches(args: argparse.Namespace, backend: DataBackend, split: Split, data_config: Dict[str, Any],
+                   num_classes: int, device: torch.device) -> List[Batch]:
+    """The split's samples (eval transforms, normalised on the device as in training) in batches of
+    ``-b``: the data of every measurement, the same for every checkpoint."""
+    config = LoaderConfig(batch_size=args.batch_size, image=ImageConfig.from_timm(data_config), device=device,
+                          workers=args.workers, num_classes=num_classes)
+    loader = backend.eval_loader(split, config)
     wanted = args.batch_size * args.num_batches
     inputs_seen: List[torch.Tensor] = []
     targets_seen: List[torch.Tensor] = []
@@ -330,9 +277,8 @@ def _setup(args: argparse.Namespace) -> _Setup:
     split = args.train_split if args.split == 'train' else args.val_split
     if not split:
         raise UsageError(f'--{args.split}-split is empty: name the split to read the batches from')
-    source = _open_split(args, split)
-    data_classes = _data_classes(args, source)
-    num_classes = args.num_classes or train_args.get('num_classes') or data_classes
+    backend, subset = _open_split(args, split)
+    num_classes = args.num_classes or train_args.get('num_classes') or subset.num_classes
     if not num_classes:
         raise UsageError(f'cannot tell the number of classes: the checkpoints do not record it and {args.data_dir!r} '
                          f'does not say: pass --num-classes')
@@ -349,7 +295,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
     data_config = resolve_data_config(config_args, model=model)
     device = _device(args.device)
     model.to(device)
-    batches = _first_batches(args, source, data_config, num_classes, device)
+    batches = _first_batches(args, backend, subset, data_config, num_classes, device)
     return _Setup(model=model, model_name=model_name, data_config=data_config, num_classes=num_classes,
                   checkpoints=checkpoints, names=names, batches=batches, device=device, split=split)
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from esam_timm.console import ProgressBar
+
 __all__ = ['Batch', 'LossFn', 'unwrap_model', 'trainable_parameters', 'measuring', 'restored_after',
            'seeded_generator', 'check_batches', 'batch_weights', 'evaluate_loss', 'dot', 'global_norm', 'progress_bar']
 
@@ -152,8 +154,7 @@ class _NoBar:
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:
-    """The trainer's progress bar (shown only on a terminal) when ``enabled``, else a no-op."""
+    """The console's progress bar (shown only on a terminal) when ``enabled``, else a no-op."""
     if not enabled:
         return _NoBar()
-    from esam_timm.train.reporting import ProgressBar  # here: esam_timm.train imports this package
     return ProgressBar(total=total, desc=desc, enabled=True)
