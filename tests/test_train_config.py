@@ -122,7 +122,7 @@ def test_unknown_flag(capsys):
     (['--sched', 'linear'], "--sched must be one of"),
     (['--model', 'resnet9000'], "--model 'resnet9000' is not a timm model"),
     (['--opt', 'sgdd'], "--opt 'sgdd' is not an optimizer timm knows"),
-    (['--opt', 'esam', '--base-opt', 'sam'], "--base-opt 'sam' cannot be esam/sam itself"),
+    (['--opt', 'esam', '--base-opt', 'sam'], "--base-opt 'sam' cannot be esam/sam/msam itself"),
     (['--pretrained'], '--pretrained needs --pretrained-path FILE'),
     (['--grad-accum-steps', '0'], '--grad-accum-steps must be > 0, got 0'),
     (['--scale', '0.9', '0.5'], '--scale must be two values 0 < lo <= hi <= 1, got [0.9, 0.5]'),
@@ -366,3 +366,28 @@ def test_msam_flags(caplog):
     assert 'ESAM/SAM-sized radius' in caplog.text and 'ignores --esam-gamma' in caplog.text
     with pytest.raises(SystemExit):
         parse_args(['--demo', '--base-opt', 'msam'])
+
+
+def test_every_flag_is_declared_once_in_the_flag_table():
+    """The parser, the checks and the warnings come from esam_timm.train.flags.FLAGS: one entry per flag,
+    whose cross-references (needs, used_by, the resume-free list) name flags and optimizer kinds that exist."""
+    from esam_timm.train import build_parser
+    from esam_timm.train.flags import FLAGS, RESUME_FREE_FLAGS
+    dests = [flag.dest for flag in FLAGS]
+    assert len(dests) == len(set(dests))
+    assert {action.dest for action in build_parser()._actions} - {'help', 'config'} == set(dests)
+    assert all(flag.needs in dests for flag in FLAGS if flag.needs)
+    assert all(flag.used_by <= {'esam', 'sam', 'msam'} for flag in FLAGS if flag.used_by is not None)
+    assert set(RESUME_FREE_FLAGS) <= set(dests) and 'decode' in RESUME_FREE_FLAGS
+
+
+def test_a_config_made_for_esam_keeps_quiet_for_sgd_but_not_for_msam(tmp_path, caplog):
+    """A file's rho counts as set only when it differs from the radius the --opt takes by itself: the
+    ESAM radius is silent for SGD (nothing to warn about) and named for msam (whose radius is 3)."""
+    cfg = _write(tmp_path, 'rho: 0.05\n')
+    with caplog.at_level(logging.WARNING, logger=CONFIG_LOGGER):
+        parse_args(['-c', cfg] + BASE + ['--opt', 'momentum'])
+    assert _warnings(caplog) == []
+    with caplog.at_level(logging.WARNING, logger=CONFIG_LOGGER):
+        args, _ = parse_args(['-c', cfg] + BASE + ['--opt', 'msam'])
+    assert args.rho == 0.05 and 'ESAM/SAM-sized radius' in ' '.join(_warnings(caplog))
