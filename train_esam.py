@@ -15,9 +15,10 @@ Every way a run ends early is one message on stderr and an exit code:
 """
 import sys
 
+from esam_timm.console import setup_logging
 from esam_timm.data import BadDataError, LabelRangeError
 from esam_timm.fileio import DiskFullError
-from esam_timm.train import DivergedError, SetupError, TrainingStopped, parse_args, setup_logging, train
+from esam_timm.train import DivergedError, SetupError, TrainingStopped, parse_args, train
 
 
 def main() -> None:

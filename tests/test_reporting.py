@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
+from esam_timm import console
 from esam_timm.train import StepMeter, format_train_line
-from esam_timm.train import reporting
 
 
 def stats(loss: float, skipped: int = 0):
@@ -46,13 +46,13 @@ def test_log_lines_go_above_an_active_progress_bar(monkeypatch):
     written = []
     monkeypatch.setattr('tqdm.tqdm.write', staticmethod(lambda text, file=None: written.append(text)))
     stream = io.StringIO()
-    handler = reporting._ProgressSafeHandler(stream)
+    handler = console._ProgressSafeHandler(stream)
     logger = logging.getLogger('test_reporting_bar')
     logger.addHandler(handler)
     logger.propagate = False
     try:
         logger.warning('plain')
-        monkeypatch.setattr(reporting.ProgressBar, 'active', 1)
+        monkeypatch.setattr(console.ProgressBar, 'active', 1)
         logger.warning('with a bar')
     finally:
         logger.removeHandler(handler)

@@ -218,7 +218,7 @@ def test_wandb_offline_run_holds_esam_metrics(demo_dir, tmp_path, monkeypatch):
 
 def test_wandb_failure_is_a_warning(monkeypatch):
     import wandb
-    from esam_timm.train import WandbLogger
+    from esam_timm.wandb_logger import WandbLogger
 
     def broken_init(**kwargs):
         raise RuntimeError('no network')

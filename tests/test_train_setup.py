@@ -54,11 +54,17 @@ def test_a_folder_in_use_is_refused_at_start(demo_dir, tmp_path):
     (('--resume', '/nonexistent/last.pth.tar'), "--resume '/nonexistent/last.pth.tar' is not a file"),
     (('--sharpness-interval', '1', '--val-split', ''), '--sharpness-interval 1 measures flatness on validation'),
     (('--data-dir', 'IMAGEFOLDER'), "holds a 'train' folder but no _info.json: an ImageFolder tree.*--dataset ''"),
+    (('--resume', 'NEWER'), r"has checkpoint format 2, newer than the format 1 this esam-timm reads: resume it with "
+                            r"the esam-timm version that wrote it, or update"),
 ])
 def test_setup_errors_are_one_line_and_leave_no_run_folder(demo_dir, tmp_path, extra, message):
     if 'IMAGEFOLDER' in extra:
         (tmp_path / 'images' / 'train' / 'cat').mkdir(parents=True)
         extra = ('--data-dir', str(tmp_path / 'images'))
+    if 'NEWER' in extra:  # a checkpoint of a later format: refused before anything is read from it
+        import torch
+        torch.save({'version': 2, 'state_dict': {}, 'batches_done': 0}, tmp_path / 'newer.pth.tar')
+        extra = ('--resume', str(tmp_path / 'newer.pth.tar'))
     args, text = parse_args(trainer_argv(demo_dir, tmp_path / 'out', *ONE_EPOCH, *extra))
     with pytest.raises(SetupError, match=message) as info:
         Trainer(args, text).setup()

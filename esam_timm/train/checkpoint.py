@@ -1,4 +1,5 @@
-"""The run folder and what is kept in it: a lock for the life of the run, and the checkpoints.
+"""The run folder and what is kept in it: a lock for the life of the run, and the checkpoints (their
+format, how they are written, and how a run resumes from one).
 
 A run folder belongs to one run. :func:`claim_run_folder` never lets a new run write into a folder
 that holds another run's files: it picks the next free suffixed name (``<name>-1``, ``<name>-2``, ...,
@@ -10,6 +11,13 @@ their copy), so it ends with the trainer, also on kill -9. :func:`find_resume_ch
 :class:`CheckpointManager` writes ``last.pth.tar`` every epoch, the best ``max_history`` epochs as
 ``checkpoint-<epoch>.pth.tar`` plus ``model_best.pth.tar``, and the latest recovery checkpoint; every
 file goes through :mod:`esam_timm.fileio`, so a crash never leaves a half-written one.
+
+The format (:func:`checkpoint_state`, :func:`resume_from`): timm's key names (``state_dict``,
+``state_dict_ema``, ``optimizer``, ``epoch``, ``arch``, ``args``) plus what an exact resume needs: the
+position (``batches_done`` of ``batches_per_epoch``), ``num_updates``, the GradScaler and plateau
+scheduler states, the epoch's statistics so far (``epoch_meter``), the best-checkpoint ranking
+(``checkpoint_history``) and ``version`` (:data:`CHECKPOINT_VERSION`): a checkpoint of a newer format
+is refused with a message rather than misread.
 """
 import glob
 import logging
@@ -20,21 +28,27 @@ import shlex
 import socket
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
+import torch.nn as nn
 import yaml
-from torch import Tensor
 
 from esam_timm.fileio import atomic_copy, atomic_torch_save, remove_stale_tmp
+from esam_timm.weights import state_dict_mismatch
 
-__all__ = ['CheckpointManager', 'RunFolder', 'RunFolderBusy', 'claim_run_folder', 'find_resume_checkpoint',
-           'resume_command', 'state_dict_mismatch', 'LOCK_NAME', 'ARGS_NAME']
+__all__ = ['CHECKPOINT_VERSION', 'CheckpointManager', 'ResumePoint', 'RunFolder', 'RunFolderBusy', 'TrainingState',
+           'checkpoint_state', 'claim_run_folder', 'find_resume_checkpoint', 'resume_command', 'resume_from',
+           'LOCK_NAME', 'ARGS_NAME']
 
 _logger = logging.getLogger(__name__)
 
 LOCK_NAME = '.lock'
 ARGS_NAME = 'args.yaml'
 _CHECKPOINT_PATTERNS = ('last.pth.tar', 'recovery-*.pth.tar')
+# The format this trainer writes; it reads this one and older ones. Raise it when a key changes meaning.
+CHECKPOINT_VERSION = 1
 
 _held: 'weakref.WeakSet[RunFolder]' = weakref.WeakSet()
 
@@ -256,19 +270,6 @@ def resume_command(checkpoint: str, argv: Optional[Sequence[str]], args_file: st
     return f'{launcher} {shlex.join([script, *flags, "--resume", checkpoint])}'
 
 
-def state_dict_mismatch(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> str:
-    """Why ``state`` does not load into a model whose state dict is ``own``, in one line ('' if it fits):
-    missing and unexpected keys and shape mismatches, each counted with an example."""
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f'{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}'
-              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    parts = [f'{len(missing)} missing keys (e.g. {missing[0]})' if missing else '',
-             f'{len(unexpected)} unexpected keys (e.g. {unexpected[0]})' if unexpected else '',
-             f'{len(shapes)} shape mismatches (e.g. {shapes[0]})' if shapes else '']
-    return ', '.join(p for p in parts if p)
-
-
 def remove_if_exists(path: str) -> None:
     try:
         os.remove(path)
@@ -350,3 +351,119 @@ class CheckpointManager:
         if self.last_recovery:
             remove_if_exists(self.last_recovery)
             self.last_recovery = None
+
+
+@dataclass
+class TrainingState:
+    """The live objects a checkpoint saves and a resume restores (None where the run has none)."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[Any] = None
+    model_ema: Optional[Any] = None  # timm's ModelEmaV3: its ``module`` holds the weights
+    scheduler: Optional[Any] = None
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: the first epoch and batch to train, the updates already done, the
+    statistics of a partly trained epoch (None when it resumes at an epoch's start), and the best
+    checkpoints' ranking ``[(metric, epoch), ...]``."""
+    epoch: int
+    batch: int
+    num_updates: int
+    epoch_meter: Optional[Dict[str, Any]]
+    history: List[Tuple[float, int]]
+
+
+def checkpoint_state(state: TrainingState, args: Mapping[str, Any], *, epoch: int, batches_done: int,
+                     batches_per_epoch: int, num_updates: int, metric: Optional[float] = None,
+                     epoch_meter: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Everything a resumed run needs to continue exactly from (epoch, batches_done); ``args`` are the
+    run's flags (``vars(args)``)."""
+    checkpoint: Dict[str, Any] = {
+        'version': CHECKPOINT_VERSION,
+        'arch': args['model'],
+        'epoch': epoch,
+        'batches_done': batches_done,
+        'batches_per_epoch': batches_per_epoch,
+        'num_updates': num_updates,
+        'state_dict': state.model.state_dict(),
+        'optimizer': state.optimizer.state_dict(),
+        'args': {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()},
+        'metric': metric,
+    }
+    if epoch_meter is not None:
+        checkpoint['epoch_meter'] = epoch_meter
+    if state.scaler is not None:
+        checkpoint['scaler'] = state.scaler.state_dict()
+    if state.model_ema is not None:
+        checkpoint['state_dict_ema'] = state.model_ema.module.state_dict()
+    if state.scheduler is not None and hasattr(state.scheduler, 'lr_scheduler'):
+        checkpoint['scheduler'] = state.scheduler.lr_scheduler.state_dict()  # plateau: the only stateful one
+    return checkpoint
+
+
+def _read_checkpoint(path: str) -> Dict[str, Any]:
+    """The checkpoint dict in ``path``, or ValueError / FileNotFoundError naming what is wrong with it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--resume {path!r} is not a file')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors: none of them has a useful type
+        raise ValueError(f'--resume {path!r} could not be read as a checkpoint ({type(e).__name__})') from e
+    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint or 'batches_done' not in checkpoint:
+        raise ValueError(f'--resume {path!r} is not a checkpoint written by this trainer '
+                         f'(use --initial-checkpoint for plain weights)')
+    version = checkpoint.get('version', 1)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise ValueError(f'--resume {path!r} has checkpoint format {version!r}, newer than the format '
+                         f'{CHECKPOINT_VERSION} this esam-timm reads: resume it with the esam-timm version that '
+                         f'wrote it, or update')
+    return checkpoint
+
+
+def resume_from(path: str, state: TrainingState, *, model_name: str, num_classes: int, batches_per_epoch: int,
+                grad_accum_steps: int, restore_optimizer: bool = True) -> ResumePoint:
+    """Load a checkpoint of this trainer into ``state`` and return where the run continues.
+
+    Refuses (ValueError) a file that is not such a checkpoint, one of a newer format, one whose weights
+    do not fit the model (naming the keys and shapes that differ) and a position inside an update of
+    ``grad_accum_steps``; warns when batch or world size changed (the run then cannot replay exactly).
+    ``restore_optimizer=False`` (``--no-resume-opt``) keeps the fresh optimizer, scaler and scheduler.
+    """
+    checkpoint = _read_checkpoint(path)
+    mismatch = state_dict_mismatch(state.model.state_dict(), checkpoint['state_dict'])
+    if mismatch:
+        raise ValueError(f'--resume {path!r} does not fit --model {model_name} with {num_classes} classes: '
+                         f'{mismatch}; it was written for --model {checkpoint.get("arch")!r}')
+    state.model.load_state_dict(checkpoint['state_dict'])
+    if state.model_ema is not None:
+        state.model_ema.module.load_state_dict(checkpoint.get('state_dict_ema', checkpoint['state_dict']))
+    if restore_optimizer:
+        state.optimizer.load_state_dict(checkpoint['optimizer'])
+        if state.scaler is not None and 'scaler' in checkpoint:
+            state.scaler.load_state_dict(checkpoint['scaler'])
+        if 'scheduler' in checkpoint and state.scheduler is not None and hasattr(state.scheduler, 'lr_scheduler'):
+            state.scheduler.lr_scheduler.load_state_dict(checkpoint['scheduler'])
+    num_updates = int(checkpoint['num_updates'])
+    epoch, done = int(checkpoint['epoch']), int(checkpoint['batches_done'])
+    if checkpoint.get('batches_per_epoch') not in (None, batches_per_epoch):
+        _logger.warning('Checkpoint had %s batches per epoch, this run has %d (batch size or world size '
+                        'changed): the resumed run will not match an uninterrupted one',
+                        checkpoint['batches_per_epoch'], batches_per_epoch)
+    accum, saved_accum = grad_accum_steps, checkpoint.get('args', {}).get('grad_accum_steps', 1)
+    history = [(float(m), int(e)) for m, e in checkpoint.get('checkpoint_history', [])]
+    if done >= batches_per_epoch:
+        point = ResumePoint(epoch + 1, 0, num_updates, None, history)
+    elif done % accum:
+        raise ValueError(
+            f'--resume {path!r} stopped after batch {done} of epoch {epoch}, inside an update of '
+            f'--grad-accum-steps {accum} (updates start at multiples of {accum}); resume with the '
+            f'--grad-accum-steps it was written with ({saved_accum}) or another value that divides {done}')
+    else:
+        point = ResumePoint(epoch, done, num_updates, checkpoint.get('epoch_meter'), history)
+    if saved_accum != accum:
+        _logger.warning('Checkpoint was written with --grad-accum-steps %s, this run uses %d: the global '
+                        'batch changed, so the resumed run will not match an uninterrupted one',
+                        saved_accum, accum)
+    return point

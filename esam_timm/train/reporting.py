@@ -1,56 +1,30 @@
-"""What the trainer reports: console lines, the progress bar, summary.csv and optional W&B.
+"""What the trainer reports: console lines, summary.csv and W&B, all behind :class:`RunLog` (one call per
+event writes every sink, as timm's ``update_summary`` writes CSV and W&B together). The console and the
+W&B wrapper themselves are :mod:`esam_timm.console` and :mod:`esam_timm.wandb_logger`, shared with the
+sharpness CLI.
 
 Step statistics stay on the device between log intervals (no host sync per step); they are read once
 per interval. Console lines follow timm's train.py: each value for the interval, then the epoch's
 running average in parentheses. summary.csv and the epoch-level W&B log share timm's flat keys
-(``train_loss``, ``eval_top1``, ...). W&B is optional and never fatal: a missing package or a failing
-init/log is a warning.
+(``train_loss``, ``eval_top1``, ...).
 """
 import csv
 import io
 import logging
 import math
 import os
-import sys
 import time
-import warnings
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
 from esam_timm.distributed import all_reduce_sum
 from esam_timm.fileio import atomic_write_text
+from esam_timm.wandb_logger import WandbLogger
 
-__all__ = ['setup_logging', 'StepMeter', 'format_train_line', 'write_summary', 'WandbLogger', 'ProgressBar']
+__all__ = ['RunLog', 'StepMeter', 'format_epoch_line', 'format_train_line', 'write_summary']
 
 _logger = logging.getLogger(__name__)
-
-
-def setup_logging(rank: Optional[int] = None, level: int = logging.INFO) -> None:
-    """Log to stderr with timestamps; ranks other than 0 (default: torchrun's RANK) only show warnings."""
-    if rank is None:
-        rank = int(os.environ.get('RANK', '0'))
-    root = logging.getLogger()
-    if not any(isinstance(h, _ProgressSafeHandler) for h in root.handlers):
-        handler = _ProgressSafeHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s', '%H:%M:%S'))
-        root.addHandler(handler)
-    root.setLevel(level if rank == 0 else logging.WARNING)
-
-
-class _ProgressSafeHandler(logging.StreamHandler):
-    """Writes log lines through ``tqdm.write`` while a progress bar is on screen, so a line never lands
-    in the middle of the bar (tqdm clears the bar, prints the line, redraws the bar)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not ProgressBar.active:
-            super().emit(record)
-            return
-        try:
-            from tqdm import tqdm
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:  # a log line must never take training down
-            self.handleError(record)
 
 
 class StepMeter:
@@ -204,79 +178,59 @@ def write_summary(path: str, row: Mapping[str, Any]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-class WandbLogger:
-    """Thin wrapper over wandb that turns every failure into a warning and disables itself."""
-
-    def __init__(self, enabled: bool, *, project: Optional[str], tags: Iterable[str], config: Mapping[str, Any],
-                 output_dir: str, resume_id: str = '', name: Optional[str] = None) -> None:
-        self.run = None
-        if not enabled:
-            return
-        try:
-            import wandb
-        except ImportError:
-            warnings.warn('--log-wandb given but wandb is not installed (pip install wandb); '
-                          'training continues without W&B.')
-            return
-        kwargs: Dict[str, Any] = dict(project=project, config=dict(config), tags=list(tags) or None,
-                                      name=name, dir=os.environ.get('WANDB_DIR', output_dir))
-        if resume_id:
-            kwargs.update(id=resume_id, resume='allow')
-        try:
-            self.run = wandb.init(**kwargs)
-        except Exception as e:  # wandb raises many types (network, auth, usage): none may stop training
-            warnings.warn(f'wandb.init failed ({type(e).__name__}: {e}); training continues without W&B.')
-            self.run = None
-
-    @property
-    def active(self) -> bool:
-        return self.run is not None
-
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Log a dict of scalars at a global step; a failure warns once and disables W&B."""
-        if self.run is None:
-            return
-        try:
-            self.run.log(dict(metrics), step=step)
-        except Exception as e:
-            warnings.warn(f'wandb.log failed ({type(e).__name__}: {e}); W&B logging disabled.')
-            self.run = None
-
-    def finish(self) -> None:
-        if self.run is None:
-            return
-        try:
-            self.run.finish()
-        except Exception as e:
-            warnings.warn(f'wandb.finish failed ({type(e).__name__}: {e}).')
-        self.run = None
+def format_epoch_line(epoch: int, epoch_time: float, train: Mapping[str, float], top1: Optional[float],
+                      best: Optional[str], fp16: bool) -> str:
+    """The console line that ends an epoch: time, train loss, samples/s, top-1, skipped updates (fp16
+    overflows with ``fp16``), unreadable data, and ``best`` (the best checkpoint so far, if any)."""
+    notes = ''
+    if 'skipped_nonfinite' in train:
+        notes += f', skipped updates: {int(train["skipped_nonfinite"])} non-finite'
+        if fp16:
+            notes += f', {int(train["skipped_overflow"])} fp16 overflow'
+    if train.get('bad_samples') or train.get('bad_shards'):
+        bad = int(train['bad_samples'])
+        notes += (f', unreadable data: {bad} of {bad + int(train["samples_read"])} samples read '
+                  f'({train["bad_fraction"]:.2%}), {int(train["bad_shards"])} broken shards')
+    return (f'Epoch {epoch} done in {epoch_time:.1f}s: train loss {train.get("loss", float("nan")):.4f}, '
+            f'{train["samples_per_sec"]:.1f} samples/s' + (f', top-1 {top1:.2f}%' if top1 is not None else '')
+            + notes + (f'  ({best})' if best else ''))
 
 
-class ProgressBar:
-    """A tqdm progress bar over an epoch's batches when a person watches (stderr is a terminal).
+class RunLog:
+    """Every sink of a run behind one call per event: the console, ``summary.csv`` and W&B.
 
-    Elsewhere (logs, CI) it does nothing; the per-interval log lines show progress there. While one is
-    shown, :func:`setup_logging`'s handler prints log lines above it instead of through it.
+    Only the primary rank (``enabled``) writes; on the other ranks every call does nothing, so the
+    trainer calls it on every rank without asking which one it is.
     """
 
-    active = 0  # bars on screen now
+    def __init__(self, output_dir: str, wandb: Optional[WandbLogger] = None, enabled: bool = True) -> None:
+        self.summary_path = os.path.join(output_dir, 'summary.csv')
+        self.wandb = wandb
+        self.enabled = enabled
 
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self._bar = None
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-                self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-                ProgressBar.active += 1
-            except ImportError:
-                self._bar = None
+    def _log_wandb(self, metrics: Mapping[str, Any], step: int) -> None:
+        if self.wandb is not None and self.wandb.active:
+            self.wandb.log(metrics, step=step)
 
-    def update(self, n: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
+    def interval(self, epoch: int, done: int, num_batches: int, interval: Mapping[str, float],
+                 running: Mapping[str, float], lr: float, step: int) -> None:
+        """One log interval: the console line, and the interval's values under ``train/`` in W&B."""
+        if not self.enabled:
+            return
+        _logger.info(format_train_line(epoch, done, num_batches, interval, running, lr))
+        log = {f'train/{k}': v for k, v in interval.items()}
+        log.update({'train/lr': lr, 'epoch': epoch})
+        self._log_wandb(log, step)
+
+    def epoch(self, row: Mapping[str, Any], step: int, line: str) -> None:
+        """One epoch: its row in summary.csv and W&B (timm's keys: ``eval_top1``, ...) and its console line."""
+        if not self.enabled:
+            return
+        write_summary(self.summary_path, row)
+        self._log_wandb(row, step)
+        _logger.info('%s', line)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-            ProgressBar.active -= 1
+        """End the W&B run (the files need no closing)."""
+        if self.wandb is not None:
+            self.wandb.finish()
