@@ -11,7 +11,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from esam_timm.data.batch_aug import BatchAugment, ColorJitterParams, apply_color_jitter, jitter_ranges
+from esam_timm.data.batch_aug import BatchAugment, apply_color_jitter, jitter_ranges
 from esam_timm.data.decode import FastResizedCrop, FastTrainTransform, draft_scale, resized_crop, sample_crop
 
 
