@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import esam_timm
-from esam_timm.data.demo import render_image
+from esam_timm.data.demo import noisy_labels, render_image
 
 ESAM_SHARES = dict(beta=0.5, gamma=0.5)  # the shares of the cost table and of the published reproductions
 ARMS: Dict[str, Dict[str, Any]] = {
@@ -161,14 +161,6 @@ def split_real(source: str, test_size: int, image_size: int, rng: np.random.Gene
     return {'train_x': x[train], 'train_y': y[train], 'test_x': x[test], 'test_y': y[test]}
 
 
-def flip_labels(labels: torch.Tensor, rate: float, num_classes: int, rng: np.random.Generator) -> torch.Tensor:
-    """Symmetric label noise: ``round(rate * N)`` labels, chosen at random, move to a uniformly drawn other class."""
-    noisy = labels.numpy().copy()
-    chosen = rng.permutation(len(noisy))[:round(rate * len(noisy))]
-    noisy[chosen] = (noisy[chosen] + rng.integers(1, num_classes, size=len(chosen))) % num_classes
-    return torch.from_numpy(noisy)
-
-
 def task_spec(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     """The task's recipe with the command line's overrides."""
     spec = dict(TASKS[name], batch_size=64)
@@ -207,7 +199,8 @@ def make_tasks(names: List[str], args: argparse.Namespace) -> Dict[str, Task]:
         std = train_x.std(dim=(0, 2, 3), keepdim=True)
         labels = true_y
         if spec['noise'] > 0:
-            labels = flip_labels(true_y, spec['noise'], num_classes, np.random.default_rng([data_seed, 2]))
+            labels = torch.from_numpy(noisy_labels(true_y.numpy(), spec['noise'], num_classes,
+                                                   np.random.default_rng([data_seed, 2])))
         mislabelled = labels != true_y
         tasks[name] = Task(name, (train_x - mean) / std, labels, (pool['test_x'] - mean) / std, pool['test_y'],
                            noisy_labels=int(mislabelled.sum()), mislabelled=mislabelled, epochs=spec['epochs'],

@@ -128,16 +128,29 @@ def render_image(label: int, num_classes: int, image_size: int, rng: np.random.G
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def _records(split: str, num_classes: int, per_class: int, image_size: int, seed: int) -> List[ShardRecord]:
+def noisy_labels(labels: np.ndarray, rate: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Symmetric label noise: ``round(rate * N)`` labels, chosen at random, move to a uniformly drawn other
+    class (the setting of SAM's and ESAM's label-noise experiments)."""
+    noisy = labels.copy()
+    chosen = rng.permutation(len(noisy))[:round(rate * len(noisy))]
+    noisy[chosen] = (noisy[chosen] + rng.integers(1, num_classes, size=len(chosen))) % num_classes
+    return noisy
+
+
+def _records(split: str, num_classes: int, per_class: int, image_size: int, seed: int,
+             label_noise: float = 0.0) -> List[ShardRecord]:
+    """The split's images in class order; with ``label_noise``, a seeded share of them carry another
+    class's label (the image and its ``class_name`` stay the true class, so the flip can be audited)."""
     names = class_names(num_classes)
     rng = np.random.default_rng([seed, 0 if split == 'train' else 1])
+    true = np.arange(num_classes * per_class) % num_classes
+    labels = noisy_labels(true, label_noise, num_classes, np.random.default_rng([seed, 2])) if label_noise else true
     records = []
-    for i in range(num_classes * per_class):
-        label = i % num_classes
+    for i, (cls, label) in enumerate(zip(true, labels)):
         buf = io.BytesIO()
-        render_image(label, num_classes, image_size, rng).save(buf, format='JPEG', quality=90)
-        records.append(ShardRecord(key=f'{split}_{i:07d}', image=buf.getvalue(), ext='jpg', label=label,
-                                   meta={'class_name': names[label]}))
+        render_image(int(cls), num_classes, image_size, rng).save(buf, format='JPEG', quality=90)
+        records.append(ShardRecord(key=f'{split}_{i:07d}', image=buf.getvalue(), ext='jpg', label=int(label),
+                                   meta={'class_name': names[cls]}))
     return records
 
 
@@ -159,11 +172,13 @@ def make_demo_dataset(
         image_size: int = 64,
         seed: int = 0,
         samples_per_shard: int = 100,
+        label_noise: float = 0.0,
 ) -> Path:
     """Write the demo dataset (splits ``train`` and ``validation``) into ``out_dir``; return ``out_dir``.
 
-    Idempotent: an existing complete dataset made with the same arguments is reused. Output is
-    deterministic, so concurrent calls (e.g. from several ranks) write identical files atomically.
+    ``label_noise``: the share of training labels moved to another class (symmetric noise; validation
+    labels stay clean). Idempotent: an existing complete dataset made with the same arguments is reused.
+    Output is deterministic, so concurrent calls (e.g. from several ranks) write identical files atomically.
     """
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(f'num_classes must be in [1, {MAX_CLASSES}], got {num_classes}')
@@ -171,15 +186,19 @@ def make_demo_dataset(
         raise ValueError(f'train_per_class and val_per_class must be >= 1, got {train_per_class}, {val_per_class}')
     if image_size < 16:
         raise ValueError(f'image_size must be >= 16 pixels, got {image_size}')
+    if not 0.0 <= label_noise < 1.0:
+        raise ValueError(f'label_noise must be a share in [0, 1), got {label_noise}')
     out_dir = Path(out_dir)
     config = {'num_classes': num_classes, 'train_per_class': train_per_class, 'val_per_class': val_per_class,
               'image_size': image_size, 'seed': seed, 'samples_per_shard': samples_per_shard}
+    if label_noise:
+        config['label_noise'] = label_noise  # absent when 0: clean datasets made before stay reusable
     if _is_complete(out_dir, config):
         _logger.info('reusing demo dataset in %s', out_dir)
         return out_dir
     splits = {}
     for split, per_class in (('train', train_per_class), ('validation', val_per_class)):
-        records = _records(split, num_classes, per_class, image_size, seed)
+        records = _records(split, num_classes, per_class, image_size, seed, label_noise if split == 'train' else 0.0)
         splits[split] = write_split(records, out_dir, split, prefix='demo', max_count=samples_per_shard,
                                     seed=seed, progress=False)
     atomic_write_text(out_dir / CLASS_MAP_NAME, ''.join(f'{n}\n' for n in class_names(num_classes)))
