@@ -1,5 +1,6 @@
 """The built-in demo dataset: layout, determinism, reuse, and that images carry their class."""
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -54,3 +55,25 @@ def test_hue_bands_beyond_ten_classes_and_bad_args(tmp_path):
         make_demo_dataset(tmp_path, num_classes=41)
     with pytest.raises(ValueError, match='image_size must be >= 16'):
         make_demo_dataset(tmp_path, image_size=8)
+
+
+def test_label_noise_moves_the_stated_share_of_training_labels_only(tmp_path):
+    """Exactly round(0.25 * 40) = 10 training labels name another class than the drawn one (kept in the
+    sample's class_name), spread over classes; validation labels stay clean."""
+    out = make_demo_dataset(tmp_path, **dict(SMALL, train_per_class=10, label_noise=0.25))
+    names = class_names(4)
+    flipped = {}
+    for split in ('train', 'validation'):
+        for shard in sorted(out.glob(f'demo-{split}-*.tar')):
+            with tarfile.open(shard) as tar:
+                members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            for name, data in members.items():
+                if name.endswith('.json'):
+                    meta = json.loads(data)
+                    label = int(members[name[:-len('json')] + 'cls'])
+                    flipped.setdefault(split, []).append(names.index(meta['class_name']) != label)
+    assert sum(flipped['train']) == 10 and len(flipped['train']) == 40
+    assert not any(flipped['validation'])
+    assert json.loads((out / '_info.json').read_text())['demo']['label_noise'] == 0.25
+    with pytest.raises(ValueError, match=r'label_noise must be a share in \[0, 1\), got 1.5'):
+        make_demo_dataset(tmp_path / 'bad', label_noise=1.5)

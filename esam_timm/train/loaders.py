@@ -49,11 +49,12 @@ def resolve_data(args: argparse.Namespace, world_size: int, is_primary: bool,
     splits and the class count; ``--num-classes`` must agree with the data when the data says how many."""
     data_dir = args.data_dir
     if args.demo:
-        from esam_timm.data import has_info, make_demo_dataset
+        from esam_timm.data import has_info, make_demo_dataset, read_info
+        from .demo import DEMO_DATASET
         data_dir = _demo_data_dir(args)
-        if is_primary and not has_info(data_dir):
-            _logger.info('Building the demo dataset in %s', data_dir)
-            make_demo_dataset(data_dir)
+        if is_primary and (not has_info(data_dir) or 'demo' in read_info(data_dir)):  # never over real data
+            _logger.info('Demo dataset in %s', data_dir)
+            make_demo_dataset(data_dir, **DEMO_DATASET)  # reuses a complete one; rebuilds an older demo's
         barrier()
     backend = open_data(args.dataset, data_dir, class_map=args.class_map, download=args.dataset_download,
                         seed=args.seed, batch_size=args.batch_size)

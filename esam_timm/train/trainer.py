@@ -46,6 +46,7 @@ from .builders import (build_model, build_optimizer, build_scheduler, describe_o
 from .checkpoint import (ARGS_NAME, CheckpointManager, RunFolder, RunFolderBusy, TrainingState, checkpoint_state,
                          claim_run_folder, find_resume_checkpoint, resume_command, resume_from)
 from .config import RESUME_AUTO, RESUME_FREE_FLAGS, args_to_yaml
+from .demo import demo_summary
 from .divergence import NonFiniteWatch, refuse_nonfinite
 from .evaluation import FlatnessProbe, distribute_bn, validate
 from .loaders import build_loaders, resolve_data
@@ -304,6 +305,8 @@ class Trainer:
                          'output in %s', self.num_epochs, '-' if top1 is None else f'{top1:.2f}%',
                          '-' if best is None else f'{self.args.eval_metric} {best[0]:.3f} (epoch {best[1]})',
                          m['train_samples_per_sec'], self.output_dir)
+            if self.args.demo:
+                _logger.info(demo_summary(self.args, top1))
         return self.final_metrics
 
     def _run_epoch(self, epoch: int) -> None:
