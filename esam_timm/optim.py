@@ -249,13 +249,12 @@ class ESAM(BaseOptimizerWrapper):
         self.sds_mode = get_sds_mode(mode)  # validates; raises with the valid names
         self._sds = mode
 
-    def draw_swp(self, always: Sequence[torch.Tensor] = ()) -> List[torch.Tensor]:
+    def draw_swp(self) -> List[torch.Tensor]:
         """Draw the SWP subset for one step: the trainable tensors whose gradient the first backward needs.
 
         Each parameter tensor is kept with probability ``beta`` (one draw per tensor from
         :attr:`generator`, so every rank draws the same subset and a run replays from its seed).
-        Tensors in ``always`` join whatever the draw says (the first-order SDS estimate needs the
-        classifier's ascent); they do not change the draw of the others. The caller restricts the first
+        The caller restricts the first
         backward to the result (``loss.backward(inputs=drawn)``): autograd then skips the other tensors'
         weight-gradient kernels, which is the compute SWP saves, without touching ``requires_grad``
         (``torch.compile`` guards on it, so toggling it would recompile every step). May be empty.
@@ -264,8 +263,7 @@ class ESAM(BaseOptimizerWrapper):
         if self.beta >= 1.0:
             return [p for p in params if p.requires_grad]
         keep = (torch.rand(len(params), generator=self.generator) < self.beta).tolist()
-        forced = {id(p) for p in always}
-        return [p for p, k in zip(params, keep) if p.requires_grad and (k or id(p) in forced)]
+        return [p for p, k in zip(params, keep) if p.requires_grad and k]
 
     @torch.no_grad()
     def perturb(self, skip_non_finite: bool = False) -> Dict[str, torch.Tensor]:
