@@ -347,9 +347,11 @@ FLAGS: Tuple[Flag, ...] = (
          help='ESAM share of samples kept for the second pass (SDS); 1 = all; the default is the paper\'s'),
     Flag(('--esam-sds',), _O, default='exact', type=str, metavar='MODE', checks=(OneOf(list_sds_modes),),
          used_by=_ESAM,
-         help="how ESAM picks the samples of its second pass: 'exact' (the paper: an extra no-grad forward "
-              "measures each sample's sharpness), 'first-order' (an estimate from the classifier layer, no extra "
-              "forward) or 'loss' (highest clean loss)"),
+         help="how ESAM picks the samples of its second pass: a signal, 'exact' (the paper: an extra no-grad "
+              "forward measures each sample's sharpness), 'first-order' (an estimate from the classifier layer, "
+              "no extra forward) or 'loss' (highest clean loss); the first two take a rule for noisy labels: "
+              "'-relative' (sharpness over clean loss) or '-trim' (the highest-loss 20%% never selected), "
+              "e.g. 'first-order-relative'"),
     Flag(('--esam-bn-mode',), _O, default='clean', type=str, checks=(OneOf(BN_MODES),),
          used_by=frozenset({'esam', 'sam'}),
          help="BatchNorm running stats under ESAM: 'clean' (from the clean pass only) or 'all' (every pass, as the "
