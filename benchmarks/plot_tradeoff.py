@@ -15,7 +15,7 @@ import statistics
 from typing import Any, Dict, List, Sequence, Tuple
 
 ARM_COST = {
-    'sgd': 'sgd', 'sam': 'sam', 'msam': 'msam',
+    'sgd': 'sgd', 'sam': 'sam', 'msam': 'msam', 'msam(rho=1)': 'msam', 'msam(rho=2)': 'msam',
     'esam-exact': 'esam(0.5,0.5)', 'esam-exact-trim': 'esam-trim(0.5,0.5)',
     'esam-exact-relative': 'esam-trim(0.5,0.5)',
     'esam-first-order': 'esam-fo(0.5,0.5)', 'esam-first-order-forced': 'esam-fo(0.5,0.5)',
@@ -23,7 +23,8 @@ ARM_COST = {
     'esam-loss': 'esam-loss(0.5,0.5)', 'esam-swp-only': 'esam-swp-only(0.5)', 'esam-sds-only': 'esam-sds-only(0.5)',
 }
 STYLE = {  # arm -> (marker, colour): one colour per family, one marker per selection rule
-    'sam': ('s', 'tab:red'), 'msam': ('D', 'tab:purple'),
+    'sam': ('s', 'tab:red'), 'msam': ('d', 'tab:purple'), 'msam(rho=1)': ('P', 'tab:purple'),
+    'msam(rho=2)': ('D', 'tab:purple'),
     'esam-exact': ('o', 'tab:blue'), 'esam-exact-trim': ('v', 'tab:blue'), 'esam-exact-relative': ('^', 'tab:blue'),
     'esam-first-order': ('o', 'tab:green'), 'esam-first-order-forced': ('x', 'tab:green'),
     'esam-first-order-trim': ('v', 'tab:green'), 'esam-first-order-relative': ('^', 'tab:green'),

@@ -19,8 +19,10 @@ tensor's ``.grad`` holds its ascent ``e``, so the rule also scores, for the SAME
 - random: k samples drawn uniformly (recall@k expected gamma).
 
 With label noise it also reports the share of mislabelled samples in the batch and among the top-k
-of the exact sharpness, of the first-order estimate and of the clean loss: how much of each mode's
-second pass is spent on flipped labels.
+of the exact sharpness, of the first-order estimate and of the clean loss, and among the k samples the
+noise-robust rules pick from the exact sharpness (``exact-relative``: top-k of sharpness / clean loss;
+``exact-trim``: top-k after dropping the highest-loss 20%): how much of each mode's second pass is
+spent on flipped labels.
 
 Per step: recall@k = |top-k of the signal & top-k of s| / k, and the Spearman rank correlation of the
 signal with ``s`` (ranks by argsort; float ties are broken by order). Every step is measured; a row
@@ -41,11 +43,12 @@ import torch
 import torch.nn as nn
 
 import esam_timm
-from esam_timm.selection import SDSMode, first_order_sharpness, logit_grad
+from esam_timm.selection import SDSMode, TrimHighLoss, first_order_sharpness, logit_grad, relative_to_loss
 
 from accuracy import add_recipe_args, evaluate, make_tasks, train  # benchmarks/accuracy.py, same recipe
 
 SIGNALS = ('first-order', 'loss', 'random')
+RULES = {'relative': relative_to_loss, 'trim': TrimHighLoss()}  # the noise-robust rules, on the exact sharpness
 
 
 def ranks(x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +120,8 @@ class FidelityProbe:
                                                                exact, size),
                                   'mislabelled_batch': float(self.mislabelled.float().mean()),
                                   'mislabelled_exact': float(self.mislabelled[exact].float().mean())}
+        for name, rule in RULES.items():
+            record[f'mislabelled_exact-{name}'] = float(self.mislabelled[rule(score, clean_loss, k)].float().mean())
         for name, signal in signals.items():
             record[f'recall_{name}'] = recall_at_k(torch.topk(signal, k).indices, exact, size)
             record[f'spearman_{name}'] = spearman(signal, score)
@@ -129,7 +134,8 @@ class FidelityProbe:
 
 METRICS = [f'recall_{s}' for s in SIGNALS] + ['recall_first-order_undrawn', 'spearman_first-order', 'spearman_loss',
                                                'mislabelled_batch', 'mislabelled_exact', 'mislabelled_first-order',
-                                               'mislabelled_loss']
+                                               'mislabelled_loss', 'mislabelled_exact-relative',
+                                               'mislabelled_exact-trim']
 
 
 def summary_row(label: str, records: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -150,8 +156,9 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
     """Markdown table of summary rows."""
     lines = ['| epoch | steps | classifier drawn | recall@k first-order | recall@k loss | recall@k random '
              '| recall@k first-order, classifier not drawn | Spearman first-order | Spearman loss '
-             '| mislabelled: batch | mislabelled in top-k: exact | first-order | loss |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+             '| mislabelled: batch | mislabelled in top-k: exact | first-order | loss | exact-relative '
+             '| exact-trim |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         lines.append(f'| {r["epoch"]} | {r["steps"]} | {r["classifier_drawn"]} | '
                      + ' | '.join(fmt(r[key]) for key in METRICS) + ' |')
