@@ -42,6 +42,8 @@ def test_the_demo_line_says_when_the_run_is_not_the_recorded_recipe():
     assert line.endswith('not this run (--epochs 3 (recorded: 20), --rho 0.1 (recorded: 0.05))')
     args, _ = parse_args(DEMO + ['--opt', 'sam'])
     assert demo_summary(args, 50.0).endswith('not this run (--opt sam)')
+    args, _ = parse_args(DEMO + ['--opt', 'msam', '--epochs', '1'])
+    assert demo_summary(args, 27.8).endswith('not this run (--opt msam, --epochs 1 (recorded: 20))')
 
 
 def test_demo_builds_its_noisy_data_rebuilds_an_older_demo_and_leaves_real_data_alone(tmp_path):

@@ -45,8 +45,9 @@ def demo_summary(args: argparse.Namespace, top1: Optional[float]) -> str:
     measured = '-' if top1 is None else f'{top1:.1f}'
     changes = recipe_changes(args)
     if args.opt not in RECORDED_TOP1 or changes:
-        changed = ', '.join(f'--{k.replace("_", "-")} {mine} (recorded: {ref})' for k, (ref, mine) in changes.items())
+        changed = [f'--opt {args.opt}'] if args.opt not in RECORDED_TOP1 else []
+        changed += [f'--{k.replace("_", "-")} {mine} (recorded: {ref})' for k, (ref, mine) in changes.items()]
         return (f'Demo: top-1 {measured} with --opt {args.opt}; the recorded figures (3 seeds: {recorded}) are for '
-                f'configs/demo.yaml with --opt esam or momentum, not this run ({changed or f"--opt {args.opt}"})')
+                f'configs/demo.yaml with --opt esam or momentum, not this run ({", ".join(changed)})')
     return (f'Demo: top-1 {measured} with {RECORDED_NAMES[args.opt].split(" (")[0]}; recorded for this command '
             f'over seeds 42-44: {recorded}. 30% of the training labels are wrong: see README, "Which method"')
