@@ -78,8 +78,8 @@ def markdown(table: Dict[str, Dict[str, Tuple[float, float, int]]], cost: Dict[s
                 std = statistics.stdev(top1) if len(top1) > 1 else 0.0
                 cells.append(f'{statistics.mean(top1):.1f} +- {std:.1f}')
             else:
-                gain, std, _ = table[task][arm]
-                cells.append(f'{gain:+.1f} +- {std:.1f}')
+                gain, std, seeds = table[task][arm]
+                cells.append(f'{gain:+.1f} +- {std:.1f}' if seeds > 1 else f'{gain:+.1f} (1 seed)')
         x = cost.get(ARM_COST.get(arm, ''))
         lines.append(f'| {arm} | {"" if x is None else f"{x:.2f}"} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
