@@ -18,7 +18,6 @@ It yields uint8 ``[B, 3, H, W]`` device batches and labels, the contract of the 
 channels-last, random erasing, mixup), on its side stream, one batch ahead. On the CPU the same code
 runs with ``device='cpu'`` (what the tests use); :func:`create_gpu_train_loader` refuses without CUDA.
 """
-import logging
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -29,13 +28,10 @@ from .batch_aug import BatchAugment
 from .decode import INTERPOLATIONS, EncodedBatch
 from .bad_data import DataReport
 from .sources import ShardSource
-from .tar import describe_error
-from .wds import create_train_loader
+from .wds import BadDataTally, create_train_loader
 
 __all__ = ['GpuDecodeLoader', 'check_cuda_device', 'create_gpu_train_loader']
 
-_logger = logging.getLogger(__name__)
-_LOG_FIRST_BAD, _LOG_EVERY_BAD = 10, 100  # as the CPU pipeline logs its bad samples
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -71,7 +67,7 @@ class GpuDecodeLoader:
         self.size = (size, size) if isinstance(size, int) else (int(size[-2]), int(size[-1]))
         self.augment = augment if augment is not None and augment.active else None
         self._report = DataReport()
-        self._bad_seen = 0
+        self._tally = BadDataTally('undecodable on the device')
         for name in ('mean', 'std', 're_prob', 're_mode', 're_count'):
             if hasattr(loader, name):
                 setattr(self, name, getattr(loader, name))
@@ -87,13 +83,16 @@ class GpuDecodeLoader:
 
     def data_report(self) -> DataReport:
         """The host loader's report with the images that failed to decode here moved from good to bad."""
+        pending = self._tally.pop()
+        if pending is not None:
+            self._report.merge(pending)
         report = self.loader.data_report() if hasattr(self.loader, 'data_report') else DataReport()
         report.samples -= self._report.bad_samples
         report.merge(self._report)
         return report
 
     def __iter__(self) -> Iterator[Batch]:
-        self._report, self._bad_seen = DataReport(), 0
+        self._report, self._tally = DataReport(), BadDataTally('undecodable on the device')
         for encoded, labels in self.loader:
             images, kept = self.decode_batch(encoded)
             if images is None:
@@ -133,18 +132,10 @@ class GpuDecodeLoader:
                 try:  # not a JPEG nvJPEG reads (PNG, WebP, ...): the CPU decoder, then the device
                     image = decode_image(data, mode=ImageReadMode.RGB).to(self.device)
                 except RuntimeError as exc:
-                    self._bad_sample(encoded.keys[k], encoded.urls[k], exc)
+                    self._tally.bad_sample(encoded.keys[k], encoded.urls[k], exc)
                     image = None
             out.append(image)
         return out
-
-    def _bad_sample(self, key: str, url: str, exc: BaseException) -> None:
-        self._report.add_bad_samples(url)
-        self._bad_seen += 1
-        n = self._bad_seen
-        if n <= _LOG_FIRST_BAD or n % _LOG_EVERY_BAD == 0:
-            _logger.warning('skipped bad sample %r of %s: %s (%d undecodable on the device this epoch; the epoch '
-                            'report has the total)', key, url, describe_error(exc), n)
 
 
 def create_gpu_train_loader(source: ShardSource, *, device: Union[str, torch.device], batch_size: int,

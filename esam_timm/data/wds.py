@@ -65,10 +65,14 @@ Batch = Tuple[torch.Tensor, torch.Tensor]
 _Item = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[DataReport], Optional[str]]
 
 
-class _Tally:
-    """The bad data one worker's stream met since its last batch, and that worker's rate-limited log."""
+class BadDataTally:
+    """The bad data one stream met since its last batch, and that stream's rate-limited log.
 
-    def __init__(self) -> None:
+    ``where`` names the stream in the log line (a loader worker; the GPU decoder on the device).
+    """
+
+    def __init__(self, where: str = 'in this worker') -> None:
+        self.where = where
         self._pending = DataReport()
         self._bad_samples_seen = 0
         self._shards_logged: Set[str] = set()
@@ -79,8 +83,8 @@ class _Tally:
         self._bad_samples_seen += 1
         n = self._bad_samples_seen
         if n <= _LOG_FIRST_BAD or n % _LOG_EVERY_BAD == 0:
-            _logger.warning('skipped bad sample %r of %s: %s (%d in this worker this epoch; the epoch report '
-                            'has the total)', key, url, describe_error(exc), n)
+            _logger.warning('skipped bad sample %r of %s: %s (%d %s this epoch; the epoch report has the total)',
+                            key, url, describe_error(exc), n, self.where)
 
     def bad_shard(self, url: str, error: str, missing: int) -> None:
         """Record a shard that failed or ended short, with the samples it did not deliver; log it once."""
@@ -98,7 +102,7 @@ class _Tally:
         return delta
 
 
-def _read_counted(url: str, tally: _Tally, length: Optional[int], stride: int = 1,
+def _read_counted(url: str, tally: BadDataTally, length: Optional[int], stride: int = 1,
                   offset: int = 0, limit: Optional[int] = None) -> Iterator[Dict[str, Any]]:
     """Samples ``offset::stride`` of one shard; a shard that fails, or ends short of ``length``, goes to ``tally``.
 
@@ -160,7 +164,7 @@ def _decode_samples(
         transform: Optional[Callable[[Any], Any]],
         image_keys: Sequence[str],
         label_key: str,
-        tally: _Tally,
+        tally: BadDataTally,
         num_classes: Optional[int] = None,
         reader: Callable[[Dict[str, Any], Sequence[str]], Any] = _decode_image,
 ) -> Iterator[Tuple[Any, int]]:
@@ -249,7 +253,7 @@ def _shard_stream(urls: Sequence[str], seed: int, epoch: int, stream: int, num_s
         yield urls[rng.randrange(len(urls))]
 
 
-def _samples_from_shards(urls: Iterable[str], tally: _Tally, lengths: Dict[str, int],
+def _samples_from_shards(urls: Iterable[str], tally: BadDataTally, lengths: Dict[str, int],
                          max_empty: int) -> Iterator[Dict[str, Any]]:
     """Samples of the given shards in order; raises RuntimeError after ``max_empty`` empty shards in a row."""
     empty = 0
@@ -289,14 +293,14 @@ class _WdsDataset(IterableDataset):
         self.reader = reader
         self.collate_fn = collate_fn
 
-    def _batches(self, samples: Iterable[Dict[str, Any]], tally: _Tally, partial_batch: bool) -> Iterator[Batch]:
+    def _batches(self, samples: Iterable[Dict[str, Any]], tally: BadDataTally, partial_batch: bool) -> Iterator[Batch]:
         decoded = _decode_samples(samples, transform=self.transform, image_keys=self.image_keys,
                                   label_key=self.label_key, tally=tally, num_classes=self.num_classes,
                                   reader=self.reader)
         return wds.batched(self.batch_size, collation_fn=self.collate_fn, partial=partial_batch)(decoded)
 
     @staticmethod
-    def _with_reports(batches: Iterable[Batch], tally: _Tally) -> Iterator[_Item]:
+    def _with_reports(batches: Iterable[Batch], tally: BadDataTally) -> Iterator[_Item]:
         try:
             for images, labels in batches:
                 yield images, labels, tally.pop(), None
@@ -348,7 +352,7 @@ class WdsTrainDataset(_WdsDataset):
             random.seed(aug_seed)
             np.random.seed(aug_seed)
             torch.manual_seed(aug_seed)
-        tally = _Tally()
+        tally = BadDataTally()
         shards = _shard_stream(self.urls, self.seed, epoch, stream, num_streams, rng)
         samples = _samples_from_shards(shards, tally, self.lengths, max_empty=max(10, 2 * len(self.urls)))
         shuffled = wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng)(samples)
@@ -382,7 +386,7 @@ class WdsValDataset(_WdsDataset):
     def __iter__(self) -> Iterator[_Item]:
         worker, num_workers = _worker_info()
         parts = _val_assignment(len(self.urls), self.rank * num_workers + worker, self.world_size * num_workers)
-        tally = _Tally()
+        tally = BadDataTally()
         samples = (sample for shard, stride, offset in parts
                    for sample in _read_counted(self.urls[shard], tally, self.lengths.get(self.urls[shard]),
                                                stride, offset, self.limits.get(self.urls[shard])))
