@@ -253,11 +253,11 @@ class ESAM(BaseOptimizerWrapper):
         """Draw the SWP subset for one step: the trainable tensors whose gradient the first backward needs.
 
         Each parameter tensor is kept with probability ``beta`` (one draw per tensor from
-        :attr:`generator`, so every rank draws the same subset and a run replays from its seed).
-        The caller restricts the first
-        backward to the result (``loss.backward(inputs=drawn)``): autograd then skips the other tensors'
-        weight-gradient kernels, which is the compute SWP saves, without touching ``requires_grad``
-        (``torch.compile`` guards on it, so toggling it would recompile every step). May be empty.
+        :attr:`generator`, so every rank draws the same subset and a run replays from its seed). The
+        caller restricts the first backward to the result (``loss.backward(inputs=drawn)``): autograd
+        then skips the other tensors' weight-gradient kernels, which is the compute SWP saves, without
+        touching ``requires_grad`` (``torch.compile`` guards on it, so toggling it would recompile every
+        step). May be empty.
         """
         params = self._params()
         if self.beta >= 1.0:

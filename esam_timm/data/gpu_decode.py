@@ -66,8 +66,7 @@ class GpuDecodeLoader:
         self.device = torch.device(device)
         self.size = (size, size) if isinstance(size, int) else (int(size[-2]), int(size[-1]))
         self.augment = augment if augment is not None and augment.active else None
-        self._report = DataReport()
-        self._tally = BadDataTally('undecodable on the device')
+        self._reset_bad_data()
         for name in ('mean', 'std', 're_prob', 're_mode', 're_count'):
             if hasattr(loader, name):
                 setattr(self, name, getattr(loader, name))
@@ -81,6 +80,10 @@ class GpuDecodeLoader:
         if set_epoch is not None:
             set_epoch(epoch)
 
+    def _reset_bad_data(self) -> None:
+        """Start an epoch's count of the images that fail to decode here (``_report``: merged so far)."""
+        self._report, self._tally = DataReport(), BadDataTally('undecodable on the device')
+
     def data_report(self) -> DataReport:
         """The host loader's report with the images that failed to decode here moved from good to bad."""
         pending = self._tally.pop()
@@ -92,7 +95,7 @@ class GpuDecodeLoader:
         return report
 
     def __iter__(self) -> Iterator[Batch]:
-        self._report, self._tally = DataReport(), BadDataTally('undecodable on the device')
+        self._reset_bad_data()
         for encoded, labels in self.loader:
             images, kept = self.decode_batch(encoded)
             if images is None:

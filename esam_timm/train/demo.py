@@ -8,11 +8,11 @@ second pass on the samples where the loss is sharp, and ends higher on the clean
 """
 import argparse
 import statistics
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 # make_demo_dataset's arguments for the demo: 100 training images per class (30% carry another class's
 # label), 50 clean validation images per class
-DEMO_DATASET: Dict[str, float] = dict(train_per_class=100, val_per_class=50, label_noise=0.3)
+DEMO_DATASET: Dict[str, Union[int, float]] = dict(train_per_class=100, val_per_class=50, label_noise=0.3)
 
 # The recipe the recorded figures belong to (configs/demo.yaml); a run that changes one of these is not
 # compared with them.
@@ -26,7 +26,8 @@ RECORDED_TOP1: Dict[str, Tuple[float, ...]] = {
     'esam': (77.0, 75.8, 75.0),
     'momentum': (74.8, 73.4, 71.6),
 }
-RECORDED_NAMES = {'esam': 'ESAM', 'momentum': 'its SGD twin (--opt momentum)'}
+# --opt -> (its name in the run's own line, its name next to the recorded figures)
+RECORDED_NAMES = {'esam': ('ESAM', 'ESAM'), 'momentum': ('its SGD twin', 'its SGD twin (--opt momentum)')}
 
 
 def _mean_std(values: Tuple[float, ...]) -> str:
@@ -41,7 +42,7 @@ def recipe_changes(args: argparse.Namespace) -> Dict[str, Tuple[object, object]]
 
 def demo_summary(args: argparse.Namespace, top1: Optional[float]) -> str:
     """One line for the end of a demo run: its top-1 next to the recorded ESAM and SGD figures."""
-    recorded = ', '.join(f'{RECORDED_NAMES[opt]} {_mean_std(v)}' for opt, v in RECORDED_TOP1.items())
+    recorded = ', '.join(f'{RECORDED_NAMES[opt][1]} {_mean_std(v)}' for opt, v in RECORDED_TOP1.items())
     measured = '-' if top1 is None else f'{top1:.1f}'
     changes = recipe_changes(args)
     if args.opt not in RECORDED_TOP1 or changes:
@@ -49,5 +50,5 @@ def demo_summary(args: argparse.Namespace, top1: Optional[float]) -> str:
         changed += [f'--{k.replace("_", "-")} {mine} (recorded: {ref})' for k, (ref, mine) in changes.items()]
         return (f'Demo: top-1 {measured} with --opt {args.opt}; the recorded figures (3 seeds: {recorded}) are for '
                 f'configs/demo.yaml with --opt esam or momentum, not this run ({", ".join(changed)})')
-    return (f'Demo: top-1 {measured} with {RECORDED_NAMES[args.opt].split(" (")[0]}; recorded for this command '
+    return (f'Demo: top-1 {measured} with {RECORDED_NAMES[args.opt][0]}; recorded for this command '
             f'over seeds 42-44: {recorded}. 30% of the training labels are wrong: see README, "Which method"')
