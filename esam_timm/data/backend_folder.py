@@ -14,6 +14,7 @@ import torch
 
 from .backends import Augmentation, Batch, DataBackend, Loader, LoaderConfig, MixupFn, Split
 from .bad_data import DataReport
+from .workers import leave_stop_signals_to_the_trainer
 
 __all__ = ['FolderBackend', 'FixedSubset', 'dataset_num_classes']
 
@@ -56,6 +57,7 @@ class _TimmLoader:
     and channels-last applied here, the epoch passed to its distributed sampler, no bad-data report."""
 
     def __init__(self, loader: Any, mixup_fn: Optional[MixupFn], channels_last: bool) -> None:
+        leave_stop_signals_to_the_trainer(loader)
         self.loader = loader
         self.mixup_fn = mixup_fn
         self.channels_last = channels_last

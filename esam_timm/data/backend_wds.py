@@ -85,9 +85,11 @@ class WdsBackend(DataBackend):
                       re_count=augment.re_count, mean=image.mean, std=image.std, pin_memory=config.pin_memory,
                       persistent_workers=config.persistent_workers, num_classes=config.num_classes)
         if decode == 'gpu':
-            host = create_gpu_train_loader(split.data, device=config.device, **common, **aug)
+            host = create_gpu_train_loader(split.data, device=config.device,
+                                           batches_per_update=config.batches_per_update, **common, **aug)
         else:
-            host = create_train_loader(split.data, decode=decode, **common, **aug)
+            host = create_train_loader(split.data, decode=decode, batches_per_update=config.batches_per_update,
+                                       **common, **aug)
         return DevicePrefetcher(host, config.device, mean=image.mean, std=image.std,
                                 channels_last=config.channels_last, mixup_fn=mixup_fn, num_classes=config.num_classes)
 

@@ -128,6 +128,10 @@ class LoaderConfig:
     persistent_workers: bool = False
     channels_last: bool = False
     num_classes: Optional[int] = None  # labels outside [0, num_classes) stop the loader, naming the sample
+    # Training: batches per update (the trainer's --grad-accum-steps). A backend that sizes its epochs makes
+    # them a whole number of updates of full batches, so the epoch's updates and samples depend on the global
+    # batch only, not on how processes and accumulation split it (a run resumes on another world size).
+    batches_per_update: int = 1
 
 
 class DataBackend(ABC):

@@ -41,6 +41,7 @@ from .prefetch import LabelRangeError
 from .bad_data import DataReport
 from .sources import INFO_NAME, ShardSource
 from .tar import ShardReadError, describe_error, read_shard
+from .workers import ignore_stop_signals
 
 __all__ = ['DECODE_MODES', 'DEFAULT_IMAGE_KEY', 'DEFAULT_LABEL_KEY', 'WdsLoader', 'WdsTrainDataset', 'WdsValDataset', 'collate',
            'create_train_loader', 'create_val_loader']
@@ -450,7 +451,8 @@ class WdsLoader:
         self.loader = DataLoader(
             dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            persistent_workers=persistent_workers and num_workers > 0)
+            persistent_workers=persistent_workers and num_workers > 0,
+            worker_init_fn=ignore_stop_signals)  # the trainer alone answers SIGINT/SIGTERM (see .workers)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -534,8 +536,10 @@ def create_train_loader(
         prefetch_factor: int = 2,
         persistent_workers: bool = True,
         decode: str = 'pil',
+        batches_per_update: int = 1,
 ) -> WdsLoader:
-    """Build the training loader: ``len()`` = ``ceil(num_samples / (batch_size * world_size))`` on every rank.
+    """Build the training loader: ``len()`` = ``ceil(num_samples / (batch_size * world_size *
+    batches_per_update)) * batches_per_update`` on every rank.
 
     ``data_report()`` of the returned loader counts the epoch's good and bad samples and broken shards.
 
@@ -564,8 +568,14 @@ def create_train_loader(
             ``'encoded'``: batches of :class:`~esam_timm.data.decode.EncodedBatch` (JPEG bytes and
             crop boxes; flips and jitter are left to the device) for
             :class:`~esam_timm.data.gpu_decode.GpuDecodeLoader`.
+        batches_per_update: the trainer's gradient accumulation: the epoch is a whole number of updates
+            of this many full batches, so an epoch has ``ceil(num_samples / global batch)`` updates and
+            every update sees a full global batch, whatever the split between processes and
+            accumulation (2 processes x b, or 1 process x b x 2: the same updates).
     """
     _check_loader_args(batch_size, num_workers, rank, world_size)
+    if batches_per_update < 1:
+        raise ValueError(f'batches_per_update must be >= 1, got {batches_per_update}')
     if decode not in DECODE_MODES:
         raise ValueError(f'decode must be one of {list(DECODE_MODES)}, got {decode!r}')
     if decode != 'pil' and (auto_augment or train_crop_mode):
@@ -589,7 +599,8 @@ def create_train_loader(
         else:
             transform = None
             pipeline = dict(reader=EncodedCrop(*crop_args), collate_fn=pack_encoded)
-    num_batches = math.ceil(source.num_samples / (batch_size * world_size))
+    num_updates = math.ceil(source.num_samples / (batch_size * world_size * batches_per_update))
+    num_batches = num_updates * batches_per_update
     dataset = WdsTrainDataset(
         source, batches_per_rank=num_batches, batch_size=batch_size, transform=transform, seed=seed,
         rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,

@@ -98,7 +98,8 @@ def build_loaders(args: argparse.Namespace, data: RunData, data_config: Dict[str
         color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=args.train_interpolation,
         re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
     train = data.backend.train_loader(
-        data.train, LoaderConfig(batch_size=args.batch_size, persistent_workers=False, **common), augment,
+        data.train, LoaderConfig(batch_size=args.batch_size, persistent_workers=False,
+                                 batches_per_update=args.grad_accum_steps, **common), augment,
         seed=args.seed, decode=args.decode, mixup_fn=mixup_fn)
     batches_per_epoch = len(train)
     if batches_per_epoch < 1:
