@@ -23,6 +23,15 @@ but stop chasing noise, each for the ``exact`` and ``first-order`` signals:
   a sample is about ``rho * ||g_i|| * cos(g_i, g)`` and ``||g_i||`` grows with ``l_i``, so the ratio
   ranks by how well a sample's gradient agrees with the batch's, not by how wrong its label is.
 
+A rule may also keep the batch's class balance (``-balanced``, :class:`ClassBalanced`): each class keeps
+about ``gamma`` of its own samples, the sharpest of them (or, ``-relative-balanced``, the sharpest relative
+to their clean loss). The top k of a signal that the label alone decides picks whole classes: a model whose
+output does not yet depend on its input (a Vision Transformer at initialisation: every image gets the same
+logits) has a loss rise that only the label sets, the top k then holds about 4 of 10 classes, and the
+second pass trains the class prior on them instead of features, a state the paper's rule never leaves
+(issue 23, ``benchmarks/vit_selection.py``). A balanced rule cannot change the label mix of the second
+pass, so it has no such fixed point.
+
 ``k = max(1, round(gamma * B))`` is fixed by the batch size alone, so every DDP rank selects the same
 number of samples and compiled graphs see one shape. The mode is owned by the optimizer
 (``ESAM(sds=...)``, ``create_optimizer_v2(..., sds=...)``, ``--esam-sds``); add one with
@@ -34,13 +43,15 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 __all__ = ['SDS_SIGNALS', 'SelectionRule', 'SDSMode', 'num_selected', 'top_k', 'TrimHighLoss',
-           'relative_to_loss', 'logit_grad', 'first_order_sharpness', 'register_sds_mode', 'get_sds_mode',
+           'relative_to_loss', 'ClassBalanced', 'class_labels', 'logit_grad', 'first_order_sharpness', 'register_sds_mode', 'get_sds_mode',
            'list_sds_modes']
 
 SDS_SIGNALS = ('exact', 'first-order', 'loss')
 
 SelectionRule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-"""``rule(score [B], clean_loss [B], k) -> LongTensor [k]`` of distinct sample indices."""
+"""``rule(score [B], clean_loss [B], k) -> LongTensor [k]`` of distinct sample indices. A rule with a true
+``needs_labels`` attribute is called as ``rule(score, clean_loss, k, labels=labels)`` with the class index of
+each sample [B] (:func:`class_labels`)."""
 
 
 def top_k(score: torch.Tensor, clean_loss: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,6 +97,59 @@ def relative_to_loss(score: torch.Tensor, clean_loss: torch.Tensor, k: int) -> t
     return torch.topk(score / clean_loss.clamp_min(RELATIVE_LOSS_FLOOR), k).indices
 
 
+def class_labels(targets: torch.Tensor) -> torch.Tensor:
+    """Each sample's class: class-index targets [B] as they are, soft targets [B, C] (mixup, cutmix, BCE)
+    by their largest entry."""
+    return targets if targets.dim() == 1 else targets.argmax(1)
+
+
+class ClassBalanced:
+    """Select ``k`` samples with the batch's class shares: each class keeps about ``k / B`` of its own
+    samples, those with the largest score within the class (``relative``: the largest score / clean loss,
+    as :func:`relative_to_loss`).
+
+    Why: the top k of the whole batch changes the label mix of ESAM's second pass whenever the score varies
+    more between classes than within them, and for a model whose output does not depend on its input yet
+    (a ViT at initialisation) the score is a function of the label alone: the top k is then whole classes,
+    and the second pass trains the class prior, not features (see the module docstring).
+
+    The allocation is the Sainte-Lague method: the ``j``-th best sample (from 0) of a class with ``n``
+    samples in the batch gets the key ``(j + 1/2) / n``, and the ``k`` smallest keys win (ties: the larger
+    score). So a class gets ``k n / B`` samples rounded to a neighbouring integer, and exactly ``k`` are
+    selected in all. Vectorised over a [B, B] comparison: no host sync, no per-class loop.
+    """
+
+    needs_labels = True
+
+    def __init__(self, relative: bool = False) -> None:
+        self.relative = bool(relative)
+
+    def __call__(self, score: torch.Tensor, clean_loss: torch.Tensor, k: int, *,
+                 labels: torch.Tensor) -> torch.Tensor:
+        batch_size = score.shape[0]
+        if labels.shape != (batch_size,):
+            raise ValueError(f'ClassBalanced needs one class index per sample, shape [{batch_size}]; got labels of '
+                             f'shape {tuple(labels.shape)}.')
+        priority = score / clean_loss.clamp_min(RELATIVE_LOSS_FLOOR) if self.relative else score
+        order = torch.argsort(priority, descending=True, stable=True)  # order[0]: the highest priority
+        position = torch.empty_like(order)
+        position[order] = torch.arange(batch_size, device=order.device)
+        same_class = labels[:, None] == labels[None, :]
+        class_size = same_class.sum(1)
+        rank_in_class = (same_class & (position[None, :] < position[:, None])).sum(1)
+        key = (rank_in_class + 0.5) / class_size
+        return order[torch.argsort(key[order], stable=True)[:k]]
+
+    def __repr__(self) -> str:
+        return f'ClassBalanced(relative={self.relative})'
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClassBalanced) and other.relative == self.relative
+
+    def __hash__(self) -> int:
+        return hash((ClassBalanced, self.relative))
+
+
 @dataclass(frozen=True)
 class SDSMode:
     """One way to choose the samples of the second pass.
@@ -105,6 +169,17 @@ class SDSMode:
     @property
     def needs_f2(self) -> bool:
         return self.signal == 'exact'
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether the rule takes each sample's class (``rule(..., labels=...)``)."""
+        return bool(getattr(self.rule, 'needs_labels', False))
+
+    def select(self, score: torch.Tensor, clean_loss: torch.Tensor, k: int, targets: torch.Tensor) -> torch.Tensor:
+        """The rule's ``k`` indices; a rule that needs labels gets the class of each sample from ``targets``."""
+        if self.needs_labels:
+            return self.rule(score, clean_loss, k, labels=class_labels(targets))
+        return self.rule(score, clean_loss, k)
 
 
 _MODES: Dict[str, SDSMode] = {}
@@ -167,3 +242,5 @@ register_sds_mode('loss', SDSMode('loss'))
 for _signal in ('exact', 'first-order'):
     register_sds_mode(f'{_signal}-trim', SDSMode(_signal, TrimHighLoss()))
     register_sds_mode(f'{_signal}-relative', SDSMode(_signal, relative_to_loss))
+    register_sds_mode(f'{_signal}-balanced', SDSMode(_signal, ClassBalanced()))
+    register_sds_mode(f'{_signal}-relative-balanced', SDSMode(_signal, ClassBalanced(relative=True)))

@@ -405,7 +405,7 @@ def _micro_step(passes: _Passes, plan: _AscentPlan, inputs: torch.Tensor, target
         elif signal == 'loss':
             score = clean
         if signal is not None:
-            index = sam.sds_mode.rule(score, clean, plan.k)
+            index = sam.sds_mode.select(score, clean, plan.k, targets)
             inputs, targets = _select(inputs, index), targets[index]
         _unstash_grads(params, stash)  # replaces e with the earlier micro-batches' gradients (or None)
         if signal is None:

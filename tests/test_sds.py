@@ -241,7 +241,9 @@ def test_first_order_refuses_heads_it_cannot_read(model, match):
 
 def test_unknown_sds_mode_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"Unknown SDS mode 'fast': valid modes are \['exact', 'first-order', 'loss', "
-                                         r"'exact-trim', 'exact-relative', 'first-order-trim', 'first-order-relative'\]"):
+                                         r"'exact-trim', 'exact-relative', 'exact-balanced', 'exact-relative-balanced', "
+                                         r"'first-order-trim', 'first-order-relative', 'first-order-balanced', "
+                                         r"'first-order-relative-balanced'\]"):
         ESAM(Head().parameters(), 'sgd', lr=0.1, beta=1.0, gamma=1.0, sds='fast')
     with pytest.raises(ValueError, match="SDS signal 'f2' is invalid"):
         SDSMode('f2')
@@ -370,4 +372,86 @@ def test_robust_modes_select_by_brute_force_through_train_step(mode):
     f3 = seen[-1]
     assert f3.shape[0] == k
     picked = sorted(next(i for i in range(12) if torch.equal(x[i], row)) for row in f3)
+    assert picked == expected
+
+
+def brute_force_balanced(score, classes, k):
+    """Class-balanced selection by hand: Sainte-Lague's highest averages hand out the k seats one at a time
+    (the class with the largest n_c / (2 s_c + 1) gets the next; a tie goes to the class whose next sample
+    has the larger score), then each class fills its seats with its highest scores."""
+    members = {c: sorted((i for i in range(len(score)) if classes[i] == c), key=lambda i: -score[i])
+               for c in set(classes)}
+    seats = dict.fromkeys(members, 0)
+    for _ in range(k):
+        open_classes = [c for c in members if seats[c] < len(members[c])]
+        best = max(open_classes, key=lambda c: (len(members[c]) / (2 * seats[c] + 1), score[members[c][seats[c]]]))
+        seats[best] += 1
+    return sorted(i for c in members for i in members[c][:seats[c]]), seats
+
+
+@pytest.mark.parametrize('k', [1, 4, 5, 7, 9])
+def test_balanced_rule_equals_brute_force(k):
+    classes = [0, 1, 0, 2, 1, 0, 1, 2, 0, 0]  # 5, 3 and 2 samples
+    score, loss = torch.tensor(HAND_SCORE), torch.tensor(HAND_LOSS)
+    expected, seats = brute_force_balanced(HAND_SCORE, classes, k)
+    index = esam_timm.selection.ClassBalanced()(score, loss, k, labels=torch.tensor(classes))
+    assert sorted(index.tolist()) == expected and len(set(index.tolist())) == k
+    assert all(abs(seats[c] - k * n / 10) < 1 for c, n in {0: 5, 1: 3, 2: 2}.items())  # shares kept
+    relative = [s / lo for s, lo in zip(HAND_SCORE, HAND_LOSS)]
+    index = esam_timm.selection.ClassBalanced(relative=True)(score, loss, k, labels=torch.tensor(classes))
+    assert sorted(index.tolist()) == brute_force_balanced(relative, classes, k)[0]
+
+
+def test_balanced_rule_keeps_the_class_mix_where_the_paper_takes_whole_classes():
+    """A score set by the label alone (a model whose output ignores its input): the paper's top-k takes
+    whole classes, the balanced rule each class's share, in random batches of 64 over 10 classes."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        labels = torch.randint(0, 10, (64,), generator=g)
+        rise = torch.rand(10, generator=g)[labels] + 1e-4 * torch.rand(64, generator=g)
+        paper = esam_timm.selection.top_k(rise, rise, 32)
+        balanced = esam_timm.selection.ClassBalanced()(rise, rise, 32, labels=labels)
+        batch_counts = torch.bincount(labels, minlength=10)
+        assert torch.bincount(labels[paper], minlength=10).gt(0).sum() < batch_counts.gt(0).sum()
+        assert (torch.bincount(labels[balanced], minlength=10) - batch_counts / 2).abs().max() < 1
+
+
+def test_balanced_rule_refuses_labels_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r'one class index per sample, shape \[3\]; got labels of shape \(3, 2\)'):
+        esam_timm.selection.ClassBalanced()(torch.zeros(3), torch.ones(3), 1, labels=torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize('mode', ['exact-balanced', 'first-order-relative-balanced'])
+@pytest.mark.parametrize('targets', ['index', 'soft'])
+def test_balanced_modes_select_by_brute_force_through_train_step(mode, targets):
+    """The second pass gets the balanced selection of the mode's signal (computed here by hand), with the
+    classes read from class-index targets or from soft (mixup) targets by their largest entry."""
+    model = timm.create_model('test_resnet', num_classes=10)
+    x, y = batch(16)
+    classes = y
+    if targets == 'soft':
+        mix = torch.softmax(torch.randn(16, 10, generator=torch.Generator().manual_seed(4)), -1)
+        y = 0.6 * nn.functional.one_hot(y, 10).float() + 0.4 * mix  # the largest entry is still y's
+    loss_fn = PerSampleCrossEntropy()
+    keep = swp_keep_mask(torch.Generator().manual_seed(SEED), len(list(model.parameters())), BETA)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        clean = loss_fn(twin(x), y)
+    if mode.startswith('exact'):
+        params = list(twin.parameters())
+        grads = torch.autograd.grad(loss_fn(twin(x), y).mean(), params)
+        norm = torch.sqrt(sum((g ** 2).sum() for g, k in zip(grads, keep) if k))
+        with torch.no_grad():
+            for p, g, k in zip(params, grads, keep):
+                if k:
+                    p.add_(g * (RHO / (norm + 1e-7) / BETA))
+            signal = (loss_fn(twin(x), y) - clean).tolist()
+    else:
+        signal = (brute_force_first_order(twin, x, y, loss_fn, keep) / clean).tolist()
+    expected = brute_force_balanced(signal, classes.tolist(), 8)[0]
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    optimizer = ESAM(model.parameters(), 'sgd', lr=0.1, rho=RHO, beta=BETA, gamma=GAMMA, seed=SEED, sds=mode)
+    train_step(model, optimizer, x, y, loss_fn)
+    picked = sorted(next(i for i in range(16) if torch.equal(x[i], row)) for row in seen[-1])
     assert picked == expected
