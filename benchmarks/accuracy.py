@@ -18,6 +18,12 @@ them with ``pip install -e ".[bench]"``):
 - ``digits-small`` / ``digits-noisy``: scikit-learn's 1,797 8x8 digits resized to 32 px; 500 held out
   for test, 300 clean training images for 60 epochs / the other 1,297 with 30% noise for 30 epochs;
   ``test_resnet``, no augmentation.
+- ``vit-mnist-noisy`` / ``vit-mnist-clean`` and ``vit-digits-noisy`` / ``vit-digits-clean``: the same real
+  digits (MNIST: 2,000 training images for 20 epochs; digits: 1,297 for 30 epochs; 30% noise or clean)
+  trained from scratch with a Vision Transformer and an AdamW recipe (issue 23): timm's ``test_vit`` at
+  32 px with patch 4 (64 tokens), drop-path 0.1, AdamW lr 1e-3, weight decay 0.05 (timm's groups: none on
+  biases, norms, position embedding and class token), no augmentation. On these tasks the plain arm is
+  ``adamw`` and every wrapper (SAM, ESAM, msam) wraps AdamW.
 
 Symmetric noise moves a fixed, seeded 30% of the training labels to a uniformly drawn other class; test
 labels are always clean. The run seed sets the model init, the data order, the augmentation and the
@@ -61,6 +67,7 @@ from esam_timm.data.demo import noisy_labels, render_image
 ESAM_SHARES = dict(beta=0.5, gamma=0.5)  # the shares of the cost table and of the published reproductions
 ARMS: Dict[str, Dict[str, Any]] = {
     'sgd': dict(opt='momentum'),
+    'adamw': dict(opt='adamw'),
     'sam': dict(opt='sam'),
     'msam': dict(opt='msam', rho=3.0),  # the reference's rho (its README); swept once, see docs/benchmarks.md
     'msam(rho=1)': dict(opt='msam', rho=1.0),
@@ -72,6 +79,11 @@ ARMS: Dict[str, Dict[str, Any]] = {
     'esam-exact-relative': dict(opt='esam', sds='exact-relative', **ESAM_SHARES),
     'esam-first-order-trim': dict(opt='esam', sds='first-order-trim', **ESAM_SHARES),
     'esam-first-order-relative': dict(opt='esam', sds='first-order-relative', **ESAM_SHARES),
+    # class-balanced selection (issue 23): each class keeps its share of the batch in the second pass
+    'esam-exact-balanced': dict(opt='esam', sds='exact-balanced', **ESAM_SHARES),
+    'esam-exact-relative-balanced': dict(opt='esam', sds='exact-relative-balanced', **ESAM_SHARES),
+    'esam-first-order-balanced': dict(opt='esam', sds='first-order-balanced', **ESAM_SHARES),
+    'esam-first-order-relative-balanced': dict(opt='esam', sds='first-order-relative-balanced', **ESAM_SHARES),
     # first-order SDS as issue 7 built it: the classifier joined every SWP draw (see ForcedClassifierESAM)
     'esam-first-order-forced': dict(opt='esam', sds='first-order', force_classifier=True, **ESAM_SHARES),
     # the paper's ablations: SWP alone (all samples in the second pass), SDS alone (every tensor perturbed)
@@ -100,8 +112,19 @@ TASKS: Dict[str, Dict[str, Any]] = {
     'digits-noisy': dict(source='digits', train_size=1297, epochs=30, noise=0.3, model='test_resnet',
                          augment='none'),
 }
+# the Vision Transformer tasks (issue 23): timm's test_vit at 32 px, patch 4, drop-path 0.1, AdamW recipe
+VIT_RECIPE = dict(model='test_vit', model_kwargs=dict(patch_size=4, drop_path_rate=0.1), augment='none',
+                  base='adamw', lr=1e-3, weight_decay=0.05)
+TASKS.update({
+    'vit-mnist-noisy': dict(source='mnist', train_size=2000, epochs=20, noise=0.3, **VIT_RECIPE),
+    'vit-mnist-clean': dict(source='mnist', train_size=2000, epochs=20, noise=0.0, **VIT_RECIPE),
+    'vit-digits-noisy': dict(source='digits', train_size=1297, epochs=30, noise=0.3, **VIT_RECIPE),
+    'vit-digits-clean': dict(source='digits', train_size=1297, epochs=30, noise=0.0, **VIT_RECIPE),
+})
+SGD_RECIPE = dict(base='momentum', lr=0.05, weight_decay=5e-4, model_kwargs={})
+PLAIN_ARMS = {'momentum': 'sgd', 'adamw': 'adamw'}  # a task's base -> its plain arm, the baseline of gains
 AUGMENTS = ('none', 'crop', 'crop-flip')
-OVERRIDES = ('train_size', 'epochs', 'noise', 'model', 'augment', 'batch_size')
+OVERRIDES = ('train_size', 'epochs', 'noise', 'model', 'augment', 'batch_size', 'lr', 'weight_decay')
 
 
 @dataclass
@@ -119,6 +142,10 @@ class Task:
     model: str
     augment: str
     batch_size: int
+    base: str = 'momentum'  # the plain arm's optimizer and every wrapper's base
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    model_kwargs: Optional[Dict[str, Any]] = None
 
 
 def render_split(count: int, num_classes: int, image_size: int, rng: np.random.Generator) -> Dict[str, torch.Tensor]:
@@ -163,7 +190,7 @@ def split_real(source: str, test_size: int, image_size: int, rng: np.random.Gene
 
 def task_spec(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     """The task's recipe with the command line's overrides."""
-    spec = dict(TASKS[name], batch_size=64)
+    spec = dict(SGD_RECIPE, **TASKS[name], batch_size=64)
     for key in OVERRIDES:
         if getattr(args, key, None) is not None:
             spec[key] = getattr(args, key)
@@ -204,7 +231,9 @@ def make_tasks(names: List[str], args: argparse.Namespace) -> Dict[str, Task]:
         mislabelled = labels != true_y
         tasks[name] = Task(name, (train_x - mean) / std, labels, (pool['test_x'] - mean) / std, pool['test_y'],
                            noisy_labels=int(mislabelled.sum()), mislabelled=mislabelled, epochs=spec['epochs'],
-                           model=spec['model'], augment=spec['augment'], batch_size=spec['batch_size'])
+                           model=spec['model'], augment=spec['augment'], batch_size=spec['batch_size'],
+                           base=spec['base'], lr=spec['lr'], weight_decay=spec['weight_decay'],
+                           model_kwargs=spec['model_kwargs'])
     return tasks
 
 
@@ -236,17 +265,17 @@ class ForcedClassifierESAM(esam_timm.ESAM):
 
 
 def create_optimizer(model: nn.Module, arm: str, lr: float, weight_decay: float, rho: float,
-                     seed: int) -> torch.optim.Optimizer:
-    """The arm's optimizer; SAM, MSAM and ESAM wrap the same base as the SGD arm (timm's 'momentum'),
-    with ``rho`` unless the arm sets its own."""
+                     seed: int, base: str = 'momentum') -> torch.optim.Optimizer:
+    """The arm's optimizer; SAM, MSAM and ESAM wrap the task's base (timm's 'momentum', the SGD arm's, or
+    'adamw'), with ``rho`` unless the arm sets its own."""
     spec = dict(ARMS[arm])
     opt = spec.pop('opt')
     force_classifier = spec.pop('force_classifier', False)
     trim = spec.pop('trim', None)
     if trim is not None:
         spec['sds'] = esam_timm.SDSMode(spec['sds'], esam_timm.selection.TrimHighLoss(trim))
-    if opt != 'momentum':
-        spec.update(base_optimizer='momentum')
+    if opt not in PLAIN_ARMS:
+        spec.update(base_optimizer=base)
         spec.setdefault('rho', rho)
     if opt in ('sam', 'esam'):
         spec.update(seed=seed)
@@ -301,18 +330,27 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return 100.0 * correct / x.shape[0]
 
 
+def create_model(task: Task, num_classes: int) -> nn.Module:
+    """The task's timm model at the benchmark's image size (a ViT gets ``img_size`` to match)."""
+    kwargs = dict(task.model_kwargs or {})
+    if kwargs.get('patch_size') is not None:
+        kwargs['img_size'] = task.train_x.shape[-1]
+    return timm.create_model(task.model, num_classes=num_classes, **kwargs)
+
+
 def run(task: Task, arm: str, seed: int, args: argparse.Namespace) -> Dict[str, Any]:
     """One training run of ``arm`` on ``task``; returns its record for the JSON file."""
     start = time.perf_counter()
     torch.manual_seed(seed)
-    model = timm.create_model(task.model, num_classes=args.num_classes)
-    optimizer = create_optimizer(model, arm, args.lr, args.weight_decay, args.rho, seed)
+    model = create_model(task, args.num_classes)
+    optimizer = create_optimizer(model, arm, task.lr, task.weight_decay, args.rho, seed, base=task.base)
     stats = train(model, optimizer, task.train_x, task.train_y, epochs=task.epochs, batch_size=task.batch_size,
-                  lr=args.lr, pad=args.pad, augment_mode=task.augment, seed=seed)
+                  lr=task.lr, pad=args.pad, augment_mode=task.augment, seed=seed)
     top1 = evaluate(model, task.test_x, task.test_y)
     return dict(task=task.name, variant=args.variant, arm=arm, seed=seed, top1=top1,
                 wall_s=time.perf_counter() - start, ms_per_step=1e3 * stats['train_s'] / stats['steps'],
                 model=task.model, epochs=task.epochs, batch_size=task.batch_size, augment=task.augment,
+                base=task.base, lr=task.lr, weight_decay=task.weight_decay, rho=args.rho,
                 train_size=len(task.train_y), noisy_labels=task.noisy_labels, **stats)
 
 
@@ -322,14 +360,15 @@ def run_label(record: Dict[str, Any]) -> str:
 
 
 def summarize(runs: List[Dict[str, Any]]) -> str:
-    """Markdown table: per task (and variant) and arm, top-1 mean +- sample std, gain over SGD, s per run,
-    step time x SGD. Tasks and arms in the order the runs first appear."""
-    lines = ['| task | arm | test top-1 % (mean +- std) | per seed | vs SGD | s / run | step time x SGD |',
+    """Markdown table: per task (and variant) and arm, top-1 mean +- sample std, gain over the task's plain
+    arm (``sgd`` or ``adamw``: its base's), s per run, step time x the plain arm's. Tasks
+    and arms in the order the runs first appear."""
+    lines = ['| task | arm | test top-1 % (mean +- std) | per seed | vs plain | s / run | step time x plain |',
              '|---|---|---|---|---|---|---|']
     for label in dict.fromkeys(run_label(r) for r in runs):
         of_task = [r for r in runs if run_label(r) == label]
         by_arm = {arm: [r for r in of_task if r['arm'] == arm] for arm in dict.fromkeys(r['arm'] for r in of_task)}
-        sgd = by_arm.get('sgd')
+        sgd = by_arm.get(PLAIN_ARMS[of_task[0].get('base', 'momentum')])
         sgd_top1 = statistics.mean(r['top1'] for r in sgd) if sgd else None
         sgd_step = statistics.mean(r['ms_per_step'] for r in sgd) if sgd else None
         for arm, rs in by_arm.items():
@@ -356,8 +395,9 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--data-seed', type=int, default=0)
     parser.add_argument('--batch-size', type=int, default=None, help='batch size (default 64)')
     parser.add_argument('--augment', default=None, choices=AUGMENTS, help='augmentation (default: per task)')
-    parser.add_argument('--lr', type=float, default=0.05)
-    parser.add_argument('--weight-decay', type=float, default=5e-4)
+    parser.add_argument('--lr', type=float, default=None, help='peak lr (default: per task, 0.05 SGD / 1e-3 AdamW)')
+    parser.add_argument('--weight-decay', type=float, default=None,
+                        help='weight decay (default: per task, 5e-4 SGD / 0.05 AdamW)')
     parser.add_argument('--rho', type=float, default=0.05, help='SAM/ESAM radius (msam arms set their own)')
     parser.add_argument('--pad', type=int, default=4, help='random-crop padding (pixels)')
     parser.add_argument('--threads', type=int, default=1)
@@ -389,8 +429,9 @@ def main() -> None:
     tasks = make_tasks(args.tasks, args)
     for task in tasks.values():
         print(f'task {task.name}: {len(task.train_y)} train ({task.noisy_labels} noisy labels), {len(task.test_y)} '
-              f'test, {task.model}, {args.img_size} px, {task.epochs} epochs, batch {task.batch_size}, '
-              f'augment {task.augment}', flush=True)
+              f'test, {task.model} {task.model_kwargs or ""}, {args.img_size} px, {task.epochs} epochs, batch '
+              f'{task.batch_size}, augment {task.augment}, {task.base} lr {task.lr} wd {task.weight_decay}',
+              flush=True)
     print(f'data ready in {time.perf_counter() - start:.1f} s', flush=True)
     previous: List[Dict[str, Any]] = []
     if args.append and os.path.exists(args.out):
@@ -412,7 +453,7 @@ def main() -> None:
                            date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
                 with open(args.out, 'w') as f:  # after every run: a stopped study keeps what it measured
                     json.dump({'config': vars(args), 'env': env, 'runs': previous + runs}, f, indent=1)
-    print(f'\nlr {args.lr} cosine, wd {args.weight_decay}, rho {args.rho}, threads {torch.get_num_threads()}, '
+    print(f'\nlr and wd per task (above), cosine, rho {args.rho}, threads {torch.get_num_threads()}, '
           f'torch {torch.__version__}, timm {timm.__version__}\n')
     print(summarize(runs), flush=True)
     print(f'\nwrote {len(runs)} runs to {args.out} ({len(previous) + len(runs)} in all)', flush=True)

@@ -195,7 +195,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = timm.create_model(task.model, num_classes=args.num_classes)
     optimizer = timm.optim.create_optimizer_v2(
-        model, 'esam', lr=args.lr, weight_decay=args.weight_decay, momentum=0.9, base_optimizer='momentum',
+        model, 'esam', lr=task.lr, weight_decay=task.weight_decay, momentum=0.9, base_optimizer='momentum',
         rho=args.rho, beta=args.beta, gamma=args.gamma, sds='exact', seed=args.seed)
     probe = FidelityProbe(model, args.seed)
     optimizer.sds = SDSMode('exact', probe)
@@ -212,13 +212,13 @@ def main() -> None:
         probe.epoch, probe.targets, probe.mislabelled = epoch, task.train_y[index], task.mislabelled[index]
 
     stats = train(model, optimizer, task.train_x, task.train_y, epochs=args.epochs, batch_size=task.batch_size,
-                  lr=args.lr, pad=args.pad, augment_mode=task.augment, seed=args.seed, before_step=before_step)
+                  lr=task.lr, pad=args.pad, augment_mode=task.augment, seed=args.seed, before_step=before_step)
     top1 = evaluate(model, task.test_x, task.test_y)
     rows = [epoch_row(e) for e in range(args.epochs)] + [summary_row('all', probe.records)]
     print(f'\nexact ESAM (beta {args.beta}, gamma {args.gamma}, k {probe.records[0]["k"]} of {task.batch_size}, '
           f'rho {args.rho}), {task.model}, {args.img_size} px, {task.name} ({args.noise:.0%} label noise), '
           f'{args.train_size} train, {args.epochs} epochs x {stats["steps"] // args.epochs} steps, '
-          f'lr {args.lr} cosine: test top-1 {top1:.1f}%, {stats["train_s"]:.0f} s of training\n')
+          f'lr {task.lr} cosine: test top-1 {top1:.1f}%, {stats["train_s"]:.0f} s of training\n')
     print(markdown(rows), flush=True)
     with open(args.out, 'w') as f:
         json.dump({'config': vars(args), 'top1': top1, 'summary': rows, 'steps': probe.records}, f, indent=1)
