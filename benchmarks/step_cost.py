@@ -14,6 +14,7 @@ time ratio is per micro-batch, and its extra memory over the plain arm is what a
     python benchmarks/step_cost.py                      # CPU: resnet18 (CIFAR stem), 32 px, batch 128
     python benchmarks/step_cost.py --compile --no-memory --methods sgd 'esam(0.5,0.5)' 'esam-fo(0.5,0.5)'
     python benchmarks/step_cost.py --device cuda        # ResNet-50, 224 px, bf16, channels-last, + compiled
+    python benchmarks/step_cost.py --model vit_small_patch16_224 --img-size 224 -b 32 --base-opt adamw  # a ViT
 """
 import argparse
 import copy
@@ -45,6 +46,8 @@ METHODS: Dict[str, Dict] = {
     'esam-fo(0.2,0.5)': dict(opt='esam', rho=0.02, beta=0.2, gamma=0.5, sds='first-order'),
     # the noise-robust rules (their cost is their signal's) and the paper's ablations
     'esam-trim(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='exact-trim'),
+    'esam-bal(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='exact-balanced'),
+    'esam-fo-bal(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='first-order-balanced'),
     'esam-fo-trim(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='first-order-trim'),
     'esam-swp-only(0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=1.0),
     'esam-sds-only(0.5)': dict(opt='esam', rho=0.05, beta=1.0, gamma=0.5),
@@ -69,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--steps', type=int, default=5, help='timed steps per method')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per method')
     parser.add_argument('--num-classes', type=int, default=None)
+    parser.add_argument('--base-opt', default='sgd',
+                        help="timm optimizer of the plain 'sgd' arm and base of every wrapper (e.g. adamw for a ViT)")
     parser.add_argument('--no-memory', action='store_true', help='skip the memory measurement')
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS),
                         help='methods to time, eager (default: all)')
@@ -94,8 +99,12 @@ def build(args: argparse.Namespace, base: torch.nn.Module, arm: str) -> Tuple[to
     model = copy.deepcopy(base)  # carries the base's classifier tap
     spec = dict(METHODS[arm.removesuffix(COMPILED)])
     spec.pop('accum', None)
-    optimizer = timm.optim.create_optimizer_v2(model, spec.pop('opt'), lr=0.05, weight_decay=5e-4, momentum=0.9,
-                                               **spec)
+    opt = spec.pop('opt')
+    if opt == 'sgd':
+        opt = args.base_opt
+    else:
+        spec['base_optimizer'] = args.base_opt
+    optimizer = timm.optim.create_optimizer_v2(model, opt, lr=0.05, weight_decay=5e-4, momentum=0.9, **spec)
     if arm.endswith(COMPILED):
         model = torch.compile(model, backend='inductor')
     return model, optimizer
@@ -225,7 +234,8 @@ def main() -> None:
             peak[method] = queue.get()
             child.join()
 
-    print(f'\nmodel {args.model}, {args.img_size} px, batch {args.batch_size}, device {args.device}, '
+    print(f'\nmodel {args.model}, {args.img_size} px, batch {args.batch_size}, base optimizer {args.base_opt} '
+          f"(the 'sgd' arm runs it plain), device {args.device}, "
           f'amp {args.amp_dtype}, channels_last {args.channels_last}, threads {torch.get_num_threads()}, '
           f'{args.steps} interleaved rounds; parameters {param_bytes / 2**20:.1f} MiB')
     print(f'{"arm":<27}{"median ms":>10}{"x SGD":>8}{"range":>13}{"peak mem MiB":>14}{"extra vs SGD MiB":>18}')
