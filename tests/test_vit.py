@@ -345,9 +345,9 @@ def test_bf16_perturbed_forward_of_a_vit_sees_the_perturbed_weights():
                 for p, g in zip(params, grads):
                     p.add_(g * rho / (norm + 1e-7))
             if shared_context:
-                return float((soft_cross_entropy(probe(x).float(), y) - clean).mean())
+                return float((soft_cross_entropy(probe(x).float(), y) - clean).mean().detach())
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            return float((soft_cross_entropy(probe(x).float(), y) - clean).mean())
+            return float((soft_cross_entropy(probe(x).float(), y) - clean).mean().detach())
 
     fresh, stale = rise(False), rise(True)
     assert fresh > 0.05 and abs(stale - fresh) > 0.2 * fresh  # the two differ: the test can tell them apart
