@@ -89,6 +89,11 @@ ARMS: Dict[str, Dict[str, Any]] = {
     # the paper's ablations: SWP alone (all samples in the second pass), SDS alone (every tensor perturbed)
     'esam-swp-only': dict(opt='esam', beta=0.5, gamma=1.0),
     'esam-sds-only': dict(opt='esam', sds='exact', beta=1.0, gamma=0.5),
+    # issue 23's decomposition of ESAM's gap to SAM on a ViT: the radius (ESAM's ||e|| = rho / beta is twice
+    # SAM's at beta 0.5), half of the batch drawn at random instead of by sharpness, and SAM at ESAM's radius
+    'esam-exact-balanced(rho=0.025)': dict(opt='esam', sds='exact-balanced', rho=0.025, **ESAM_SHARES),
+    'esam-random-half': dict(opt='esam', sds='random', **ESAM_SHARES),
+    'sam(rho=0.1)': dict(opt='sam', rho=0.1),
     # the trim rule's excluded share, for the one-off sweep that fixed its default (0.2)
     'esam-exact-trim(0.1)': dict(opt='esam', sds='exact', trim=0.1, **ESAM_SHARES),
     'esam-exact-trim(0.3)': dict(opt='esam', sds='exact', trim=0.3, **ESAM_SHARES),
@@ -253,6 +258,17 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -
     return torch.where(flipped.view(b, 1, 1, 1), out.flip(3), out)
 
 
+class RandomHalf:
+    """SDS rule that draws its k samples uniformly, from its own generator (training's RNG untouched): the
+    second pass on a random part of the batch, the control for selection by sharpness."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, score: torch.Tensor, clean_loss: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.randperm(score.shape[0], generator=self.generator)[:k]
+
+
 class ForcedClassifierESAM(esam_timm.ESAM):
     """ESAM whose SWP draw always includes the classifier (weight and bias), the other tensors keeping
     their own draws: first-order SDS as issue 7 built it, kept to measure what leaving the draw alone
@@ -274,6 +290,8 @@ def create_optimizer(model: nn.Module, arm: str, lr: float, weight_decay: float,
     trim = spec.pop('trim', None)
     if trim is not None:
         spec['sds'] = esam_timm.SDSMode(spec['sds'], esam_timm.selection.TrimHighLoss(trim))
+    if spec.get('sds') == 'random':  # k samples drawn uniformly (no F2: the clean-loss signal, unused)
+        spec['sds'] = esam_timm.SDSMode('loss', RandomHalf(seed))
     if opt not in PLAIN_ARMS:
         spec.update(base_optimizer=base)
         spec.setdefault('rho', rho)

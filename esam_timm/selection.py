@@ -28,9 +28,9 @@ about ``gamma`` of its own samples, the sharpest of them (or, ``-relative-balanc
 to their clean loss). The top k of a signal that the label alone decides picks whole classes: a model whose
 output does not yet depend on its input (a Vision Transformer at initialisation: every image gets the same
 logits) has a loss rise that only the label sets, the top k then holds about 4 of 10 classes, and the
-second pass trains the class prior on them instead of features, a state the paper's rule never leaves
-(issue 23, ``benchmarks/vit_selection.py``). A balanced rule cannot change the label mix of the second
-pass, so it has no such fixed point.
+second pass trains the class prior on them instead of features, which keeps the output input-independent:
+the training loss stayed at chance for ten epochs (issue 23, ``benchmarks/vit_selection.py``). A balanced rule
+cannot change the label mix of the second pass, so it does not feed that state.
 
 ``k = max(1, round(gamma * B))`` is fixed by the batch size alone, so every DDP rank selects the same
 number of samples and compiled graphs see one shape. The mode is owned by the optimizer
@@ -43,8 +43,8 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 __all__ = ['SDS_SIGNALS', 'SelectionRule', 'SDSMode', 'num_selected', 'top_k', 'TrimHighLoss',
-           'relative_to_loss', 'ClassBalanced', 'class_labels', 'logit_grad', 'first_order_sharpness', 'register_sds_mode', 'get_sds_mode',
-           'list_sds_modes']
+           'relative_to_loss', 'ClassBalanced', 'class_labels', 'logit_grad', 'first_order_sharpness',
+           'register_sds_mode', 'get_sds_mode', 'list_sds_modes']
 
 SDS_SIGNALS = ('exact', 'first-order', 'loss')
 
