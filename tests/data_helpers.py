@@ -26,6 +26,14 @@ def jpeg_bytes(index: int, size: int = IMAGE_SIZE) -> bytes:
     return buf.getvalue()
 
 
+def truncated_jpeg(index: int) -> bytes:
+    """``jpeg_bytes(index)`` cut in the middle of its compressed data: the header parses (PIL and a GPU
+    decode's worker side read its size), the decode fails (PIL, TorchCodec: "truncated")."""
+    data = jpeg_bytes(index)
+    start_of_scan = data.index(b'\xff\xda')
+    return data[:start_of_scan + (len(data) - start_of_scan) // 2]
+
+
 def decoded(index: int) -> np.ndarray:
     """What PIL decodes from ``jpeg_bytes(index)``: the reference for round-trip checks (CHW uint8)."""
     return np.asarray(Image.open(io.BytesIO(jpeg_bytes(index))).convert('RGB')).transpose(2, 0, 1)
@@ -101,7 +109,7 @@ def records_for(indices: Sequence[int]) -> List[ShardRecord]:
 
 
 __all__ = ['IMAGE_SIZE', 'decoded', 'jpeg_bytes', 'records_for', 'truncate_after_sample', 'truncate_in_sample',
-           'write_identity_shards', 'write_image_folder']
+           'truncated_jpeg', 'write_identity_shards', 'write_image_folder']
 
 
 def run_ranks(target, *args, world_size: int = 2, timeout: float = 170) -> None:

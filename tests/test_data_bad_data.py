@@ -6,14 +6,17 @@ import os
 import pickle
 
 import pytest
+import torch
 
 from data_helpers import gloo_group, run_ranks, truncate_in_sample, write_identity_shards
 from esam_timm.data import (
     BadDataError,
+    DataPipelineError,
     DataReport,
     check_bad_fraction,
     create_train_loader,
     create_val_loader,
+    is_resource_failure,
     reduce_data_report,
     resolve_source,
 )
@@ -130,3 +133,42 @@ def test_two_ranks_merge_reports_counting_a_shared_shard_once(tmp_path):
     for res in results:  # each rank saw the shared shard itself
         assert shard0 in res['val_local']['bad_shards']
     assert sorted(results[0]['val_labels'] + results[1]['val_labels']) == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- errors that are not bad data
+
+@pytest.mark.parametrize('error,resource', [
+    (MemoryError(), True),
+    (torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"), True),
+    (RuntimeError('decode_images, DecodeJpegCuda.cpp:471, Failed to synchronize CUDA stream: 700'), True),
+    (RuntimeError('decode_jpeg: torchcodec was not compiled with nvJPEG support'), True),
+    (ImportError('libnvjpeg.so.13: cannot open shared object file'), True),
+    (RuntimeError('decode_rows, DecodeJpeg.cpp:287, Image is incomplete or truncated.'), False),
+    (RuntimeError('Failed to decode batch: 9'), False),
+    (OSError('image file is truncated (66 bytes not processed)'), False),
+    (ValueError('invalid literal for int()'), False),
+])
+def test_is_resource_failure_tells_the_machine_from_the_data(error, resource):
+    assert is_resource_failure(error) is resource
+
+
+@pytest.mark.parametrize('num_workers', [0, 1])
+def test_out_of_memory_while_decoding_stops_the_loader_with_one_line(tmp_path, monkeypatch, num_workers):
+    """A MemoryError in the fast decode is the machine's failure: the iteration stops with one
+    DataPipelineError line naming the sample (also from a worker process), and no sample is counted bad."""
+    from esam_timm.data.decode import FastTrainTransform
+
+    def out_of_memory(self, data):
+        raise MemoryError()
+
+    monkeypatch.setattr(FastTrainTransform, '__call__', out_of_memory)  # forked workers inherit it
+    write_identity_shards(tmp_path, [6])
+    loader = create_train_loader(resolve_source(str(tmp_path), 'train'), batch_size=2, img_size=16, decode='fast',
+                                 num_workers=num_workers, seed=0, shuffle_buffer=1, persistent_workers=False)
+    with pytest.raises(DataPipelineError) as info:
+        list(loader)
+    message = str(info.value)
+    assert '\n' not in message and message.startswith("a loader worker failed on sample '000000' of ")
+    assert '(MemoryError: )' in message and 'nothing is counted as bad' in message
+    assert loader.data_report().bad_samples == 0

@@ -100,3 +100,48 @@ def test_cuda_stream_prefetch_matches_cpu():
     gpu = [x.cpu() for x, _ in DevicePrefetcher(_ListLoader(batches), 'cuda', mean=MEAN, std=STD)]
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(a, b)
+
+
+def test_device_augment_jitters_the_uint8_batch_before_normalising_with_per_epoch_draws():
+    """The fast path's colour jitter on the device: BatchAugment on the uint8 batch, then normalisation, its
+    draws from a generator seeded by (seed, rank, epoch): the same per epoch, new for the next, and the
+    global RNG untouched."""
+    from esam_timm.data.batch_aug import BatchAugment
+    batches = _batches(n=3, b=4, size=8)
+    state = torch.get_rng_state()
+
+    def epoch(pf, number=None):
+        if number is not None:
+            pf.set_epoch(number)
+        return [x for x, _ in pf]
+
+    pf = DevicePrefetcher(_ListLoader(batches), 'cpu', mean=MEAN, std=STD, channels_last=False, seed=5, rank=1,
+                          augment=BatchAugment(hflip=0., color_jitter=0.4))
+    first = epoch(pf)
+    assert torch.equal(torch.get_rng_state(), state)
+    reference = BatchAugment(hflip=0., color_jitter=0.4)
+    reference.reseed('device-augment', 5, 1, 0)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1) * 255, torch.tensor(STD).view(1, 3, 1, 1) * 255
+    for x, (raw, _) in zip(first, batches):
+        jittered = reference(raw)
+        assert not torch.equal(jittered, raw)
+        torch.testing.assert_close(x, (jittered.float() - mean) / std, rtol=0, atol=1e-5)
+    second = epoch(pf)  # no set_epoch: the next epoch's draws
+    assert not torch.equal(second[0], first[0])
+    again = epoch(pf, 0)
+    assert all(torch.equal(a, b) for a, b in zip(again, first))
+    assert DevicePrefetcher(_ListLoader(batches), 'cpu', augment=BatchAugment(hflip=0.)).augment is None  # no-op
+
+
+def test_fast_decode_jitters_in_the_workers_on_the_cpu(tmp_path):
+    """Training on the CPU the fast path keeps timm's PIL jitter in the workers (the batch jitter on the CPU
+    would run in the training process); on a GPU it moves to the device (tests/test_gpu_decode.py, CUDA)."""
+    from esam_timm.data.backend_wds import WdsBackend
+    from esam_timm.data.backends import Augmentation, ImageConfig, LoaderConfig
+    write_identity_shards(tmp_path, [8])
+    backend = WdsBackend('wds/data', str(tmp_path))
+    config = LoaderConfig(batch_size=4, image=ImageConfig((3, 16, 16), 'bilinear', MEAN, STD, 1.0),
+                          device=torch.device('cpu'), workers=0)
+    loader = backend.train_loader(backend.split('train', training=True), config, Augmentation(color_jitter=0.4),
+                                  seed=0, decode='fast')
+    assert loader.augment is None and loader.loader.dataset.transform.jitter is not None

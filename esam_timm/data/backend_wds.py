@@ -6,9 +6,15 @@ host, bad data counted per epoch) and are finished on the device by
 mixup). Training images are decoded one of three ways, the same crops drawn from the same RNG:
 
 - ``pil``: timm's training transform in the loader workers (auto-augment and all);
-- ``fast``: :mod:`esam_timm.data.decode` in the workers (reduced-size JPEG decode where the crop allows);
+- ``fast``: :mod:`esam_timm.data.decode` in the workers (TorchCodec, or a reduced-size JPEG decode where
+  the crop allows); training on a GPU, the colour jitter moves from the workers to the batch on the
+  device (``DevicePrefetcher(augment=...)``, on its side stream), where it costs the workers nothing;
 - ``gpu``: the workers only parse headers and draw crops; :mod:`esam_timm.data.gpu_decode` decodes the
-  batch on the CUDA device.
+  batch on the CUDA device (TorchCodec's nvJPEG), a batch ahead, on a side stream.
+
+Every path yields ``len()`` full batches per epoch on every rank, also when some images cannot be
+decoded: the stream refills the batch (the sample is counted as bad), so mixup, gradient accumulation
+and DDP always get full, equal batches.
 
 GPU decode is a decode mode of this backend, not a backend of its own: it reads the same shards,
 splits, class count and bad-data rules, and evaluation stays on the CPU path; only where the training
@@ -18,12 +24,22 @@ import os
 from typing import Optional
 
 from .backends import Augmentation, DataBackend, Loader, LoaderConfig, MixupFn, Split
+from .batch_aug import BatchAugment, jitter_ranges
+from .decode import jpeg_decoder
 from .gpu_decode import check_cuda_device, create_gpu_train_loader
 from .prefetch import DevicePrefetcher
 from .sources import has_info, num_classes_from_info, resolve_source
 from .wds import create_train_loader, create_val_loader
 
 __all__ = ['WdsBackend']
+
+
+def _batch_jitter_can_do(color_jitter: object) -> bool:
+    """True for a colour jitter that the batch jitter on the device does as timm does (no hue)."""
+    try:
+        return jitter_ranges(color_jitter) is not None
+    except ValueError:
+        return False
 
 
 class WdsBackend(DataBackend):
@@ -41,12 +57,15 @@ class WdsBackend(DataBackend):
 
     @classmethod
     def check_decode(cls, decode: str, device: str, auto_augment: Optional[str]) -> None:
-        """Fast and GPU decode draw timm's crops and flips but not auto-augment; GPU decode needs CUDA."""
+        """Fast and GPU decode draw timm's crops and flips but not auto-augment, and need TorchCodec; GPU
+        decode needs CUDA."""
         if decode != 'pil' and auto_augment:
             raise ValueError(f'--decode {decode} does not do auto-augment (--aa {auto_augment}): use --decode pil '
                              f'for it')
         if decode == 'gpu':
             check_cuda_device(device)
+        if decode != 'pil':
+            jpeg_decoder()
 
     def _check_not_a_folder_tree(self, name: str) -> None:
         if self.root and not has_info(self.root) and os.path.isdir(os.path.join(self.root, name)):
@@ -84,14 +103,20 @@ class WdsBackend(DataBackend):
                       interpolation=augment.interpolation or image.interpolation, re_mode=augment.re_mode,
                       re_count=augment.re_count, mean=image.mean, std=image.std, pin_memory=config.pin_memory,
                       persistent_workers=config.persistent_workers, num_classes=config.num_classes)
+        device_augment = None
         if decode == 'gpu':
             host = create_gpu_train_loader(split.data, device=config.device,
                                            batches_per_update=config.batches_per_update, **common, **aug)
         else:
+            if decode == 'fast' and config.device.type == 'cuda' and _batch_jitter_can_do(aug['color_jitter']):
+                # The jitter is the workers' costliest step (~1 ms an image in PIL); flips stay in the workers.
+                device_augment = BatchAugment(hflip=0., vflip=0., color_jitter=aug['color_jitter'])
+                aug['color_jitter'] = None
             host = create_train_loader(split.data, decode=decode, batches_per_update=config.batches_per_update,
                                        **common, **aug)
         return DevicePrefetcher(host, config.device, mean=image.mean, std=image.std,
-                                channels_last=config.channels_last, mixup_fn=mixup_fn, num_classes=config.num_classes)
+                                channels_last=config.channels_last, mixup_fn=mixup_fn, num_classes=config.num_classes,
+                                augment=device_augment, seed=seed, rank=config.rank)
 
     def eval_loader(self, split: Split, config: LoaderConfig) -> Loader:
         image = config.image

@@ -14,6 +14,9 @@ Counting rules (the loaders in :mod:`esam_timm.data.wds` follow them):
 - A report covers one epoch of one loader: each new iteration starts an empty one.
   :func:`reduce_data_report` merges the ranks' reports; :func:`check_bad_fraction` warns and stops
   the run past ``--max-bad-fraction``.
+- Only the data can be bad. Running out of memory, a CUDA fault or a decoder that is missing or
+  broken is not a bad sample (:func:`is_resource_failure` tells them apart): the loaders stop with
+  :class:`DataPipelineError`, one line, instead of counting every sample after it as lost.
 """
 import logging
 from dataclasses import dataclass, field
@@ -26,12 +29,35 @@ from esam_timm.distributed import all_reduce_sum, is_distributed
 
 from .sources import INFO_NAME
 
-__all__ = ['BadDataError', 'DataReport', 'check_bad_fraction', 'reduce_data_report']
+__all__ = ['BadDataError', 'DataPipelineError', 'DataReport', 'check_bad_fraction', 'is_resource_failure',
+           'reduce_data_report']
 
 _logger = logging.getLogger(__name__)
 
 # Shards named in a warning or error; the report itself keeps all of them.
 _WORST_SHOWN = 5
+# What a decoder's error text says when the machine, not the sample, failed (TorchCodec reports CUDA and
+# nvJPEG failures as plain RuntimeErrors; torch's CPU allocator too).
+_RESOURCE_FAILURE_TEXT = ('out of memory', "can't allocate memory", 'cuda error', 'cudaerror', 'cuda driver',
+                          'failed to synchronize cuda stream', 'failed to get current cuda device',
+                          'failed to initialize nvjpeg', 'not compiled with nvjpeg', 'device-side assert')
+_RESOURCE_FAILURE_TYPES = (MemoryError, ImportError) + tuple(
+    t for t in (getattr(torch, 'OutOfMemoryError', None), getattr(torch, 'AcceleratorError', None)) if t is not None)
+
+
+def is_resource_failure(exc: BaseException) -> bool:
+    """True when ``exc`` is the machine failing (memory, a CUDA fault, a decoder library that cannot run),
+    not the data: such an error must stop the run instead of being counted as a bad sample."""
+    if isinstance(exc, _RESOURCE_FAILURE_TYPES):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _RESOURCE_FAILURE_TEXT)
+
+
+class DataPipelineError(RuntimeError):
+    """The data pipeline cannot go on (out of memory, a CUDA fault, a decoder that fails on good data):
+    not bad data, so never counted against ``--max-bad-fraction``. The message is one line naming
+    where it happened and what to change."""
 
 
 @dataclass

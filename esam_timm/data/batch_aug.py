@@ -3,11 +3,13 @@
 timm's training transform flips and jitters one PIL image at a time. Here the per-sample draws are
 made for the whole batch at once (same distributions: a flip with probability p; a uniformly random
 order of brightness, contrast and saturation with factors uniform in torchvision's ranges) and
-applied with a few batched tensor ops, in the CPU loader's workers (:mod:`esam_timm.data.wds` with
-``decode='fast'``) or on the GPU (:mod:`esam_timm.data.gpu_decode`). The jitter is torchvision's
+applied with a few batched tensor ops on the training device: by GPU decode
+(:mod:`esam_timm.data.gpu_decode`), and by :class:`~esam_timm.data.prefetch.DevicePrefetcher` for the
+fast CPU path when it trains on a GPU (the workers then only decode, crop and flip). The jitter is torchvision's
 tensor ColorJitter (``F.adjust_brightness`` etc. on uint8, rounding down between steps); it differs
 from timm's PIL ImageEnhance pixels by at most a grey level or two. Hue jitter is not supported.
 """
+import random
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -82,6 +84,13 @@ class BatchAugment:
     def active(self) -> bool:
         """False when the augmentation would do nothing (no flips, no jitter)."""
         return bool(self.hflip or self.vflip or self.jitter)
+
+    def reseed(self, *key: object) -> None:
+        """Draw from now on from an own generator seeded by ``key`` (e.g. the run's seed, the rank and the
+        epoch): reproducible whichever thread draws, and independent of the global RNG."""
+        if self.generator is None:
+            self.generator = torch.Generator()
+        self.generator.manual_seed(random.Random('/'.join(map(str, key))).getrandbits(63))
 
     def draw_jitter(self, batch_size: int) -> Optional[ColorJitterParams]:
         """Per-sample jitter order and factors for ``batch_size`` images (None without jitter)."""

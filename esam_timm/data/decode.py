@@ -1,50 +1,99 @@
 """Fast CPU decode for training: timm's random-resized crop, sampled from the header, decoded cheaply.
 
 timm's training transform decodes the whole JPEG with PIL, then crops and resizes with PIL's
-resampler. This path gives the same crops at about twice the images per CPU-second:
+resampler. This path gives the same crops for fewer CPU-seconds:
 
 - the crop ``(top, left, height, width)`` is drawn before decoding, from the image size in the
   JPEG header, by :func:`sample_crop`: timm's ``RandomResizedCropAndInterpolation.get_params``
   (torchvision's algorithm: 10 tries of area x log-uniform aspect, then the centre-crop fallback),
   same draws from the same RNG, so the crop-scale and aspect distributions are exactly timm's;
 - when the crop is at least twice the output size in both directions, libjpeg decodes at 1/2, 1/4
-  or 1/8 scale in the DCT domain (Pillow's ``draft``; the largest reduction that leaves the crop at
-  >= the output size, :func:`draft_scale`) and PIL resizes the exact fractional crop box;
-- otherwise the image is decoded by torchvision's ``decode_jpeg`` (the same libjpeg-turbo output as
-  PIL, bit for bit, in two thirds of the time) and the crop, a view of the decoded memory, is resized
-  by torch's antialiased uint8 kernel (PIL's filter, within 1 grey level, a third of PIL's time);
+  or 1/8 scale in the DCT domain (Pillow's ``draft``, which TorchCodec does not offer; the largest
+  reduction that leaves the crop at >= the output size, :func:`draft_scale`) and PIL resizes the exact
+  fractional crop box;
+- otherwise an RGB or greyscale JPEG is decoded by TorchCodec's ``decode_jpeg`` (PyTorch's media
+  library: the same libjpeg-turbo pixels as PIL, bit for bit, in about 80% of PIL's time) and the crop,
+  a view of the decoded memory, is resized by torch's antialiased uint8 kernel (PIL's filter, within 1
+  grey level, a third of PIL's time); other formats and CMYK JPEGs go through PIL, as in timm;
 - everything stays uint8 (normalisation happens on the device) and the result is a CHW view of HWC
   memory, which :func:`esam_timm.data.wds.collate` stacks without a transpose.
 
 :class:`FastTrainTransform` adds timm's flips and colour jitter after the crop, with torchvision's own
 transforms in timm's order (the jitter on a PIL image: on the CPU that is faster than tensor ops), so
 with the same seeds every draw is timm's. Data PIL cannot read raises PIL's error, as the PIL path
-does, so bad samples count the same.
+does, so bad samples count the same; a decoder that cannot run (TorchCodec missing or not loadable,
+out of memory) raises an error that is not a bad sample
+(:func:`~esam_timm.data.bad_data.is_resource_failure`).
 
 For decoding on the GPU (:mod:`esam_timm.data.gpu_decode`) a worker only reads the header and draws
 the crop (:class:`EncodedCrop`), and :func:`pack_encoded` ships a batch's JPEG bytes as one tensor.
 """
+import functools
 import io
 import math
 import random
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
-from torchvision.io import ImageReadMode, decode_jpeg
+
+from .bad_data import is_resource_failure
 
 __all__ = ['CropBox', 'EncodedBatch', 'EncodedCrop', 'EncodedImage', 'FastResizedCrop', 'FastTrainTransform',
-           'INTERPOLATIONS', 'draft_scale',
-           'image_member', 'pack_encoded', 'resized_crop', 'sample_crop']
+           'INTERPOLATIONS', 'TORCHCODEC_REQUIREMENT', 'draft_scale', 'image_member', 'jpeg_decoder',
+           'needs_host_decode', 'open_image', 'pack_encoded', 'resized_crop', 'sample_crop']
+
+# TorchCodec's decode_jpeg first shipped in 0.16; 0.16 and 0.17 pair with torch >= 2.11 (TorchCodec's
+# README compatibility table). setup.cfg asks for the same range.
+TORCHCODEC_REQUIREMENT = 'torchcodec>=0.16,<0.18'
 
 CropBox = Tuple[int, int, int, int]  # (top, left, height, width) in the original image's pixels
 # timm's interpolation names this path supports; 'random' picks one of the first two per sample, as timm does.
 INTERPOLATIONS = ('bilinear', 'bicubic', 'random')
 _PIL_RESAMPLE = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
 _DRAFT_SCALES = (8, 4, 2)
+# JPEG colour modes (as PIL's header parse names them) that TorchCodec and nvJPEG decode to RGB as PIL does.
+_CODEC_MODES = ('RGB', 'L')
+
+
+@functools.lru_cache(maxsize=None)
+def jpeg_decoder() -> Callable[..., Any]:
+    """TorchCodec's ``decode_jpeg`` (imported on first use, so that ``--decode pil`` never needs it).
+
+    Raises ValueError in one line naming what to install when TorchCodec is missing, too old, or built
+    for another torch (the trainer checks this at start: see ``WdsBackend.check_decode``).
+    """
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError, RuntimeError) as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == 'torchcodec':
+            why = 'is not installed'
+        else:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            why = f'cannot be loaded ({type(exc).__name__}: {first_line})'
+        raise ValueError(f'--decode fast and --decode gpu decode JPEGs with TorchCodec, which {why}: pip install '
+                         f'"{TORCHCODEC_REQUIREMENT}" (it pairs with torch >= 2.11; this is torch '
+                         f'{torch.__version__}), or decode with PIL (--decode pil)') from None
+    return decode_jpeg
+
+
+def open_image(data: bytes) -> Image.Image:
+    """``data`` opened by PIL (the header read, nothing decoded); data PIL cannot identify raises
+    UnidentifiedImageError saying so, with its size and first bytes (PIL's own names only a buffer)."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f'{len(data)} bytes starting {bytes(data[:8])!r}: not an image format PIL can '
+                                     f'read') from None
+
+
+def needs_host_decode(img: Image.Image) -> bool:
+    """True for data that TorchCodec's JPEG decoder does not read as timm would (PNG, WebP, CMYK JPEGs...):
+    PIL decodes it, on the host."""
+    return img.format != 'JPEG' or img.mode not in _CODEC_MODES
 
 
 def sample_crop(width: int, height: int, scale: Sequence[float] = (0.08, 1.0),
@@ -95,15 +144,18 @@ def _pil_to_chw(img: Image.Image) -> torch.Tensor:
 
 
 def _decode_full(img: Image.Image, data: bytes) -> torch.Tensor:
-    """The whole image as uint8 [3, H, W] (a view of HWC memory): torchvision for JPEG, else PIL.
+    """The whole image as uint8 [3, H, W] (a view of HWC memory): TorchCodec for RGB and greyscale JPEGs,
+    else PIL.
 
-    A JPEG torchvision rejects goes to PIL too, so what fails here is exactly what PIL cannot read.
+    A JPEG TorchCodec rejects goes to PIL too, so what fails here is exactly what PIL cannot read; an
+    error of the machine (out of memory) is raised as it is.
     """
-    if img.format == 'JPEG':
+    if not needs_host_decode(img):
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError:
-            pass
+            return jpeg_decoder()(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode='RGB')
+        except RuntimeError as exc:
+            if is_resource_failure(exc):
+                raise
     return _pil_to_chw(img.convert('RGB'))
 
 
@@ -155,7 +207,7 @@ class FastResizedCrop:
         self.reduced = 0
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             box = sample_crop(img.size[0], img.size[1], self.scale, self.ratio, self.rng)
             interpolation = self.interpolation
             if interpolation == 'random':
@@ -215,46 +267,56 @@ def image_member(sample: Dict[str, Any], image_keys: Sequence[str]) -> bytes:
 
 
 class EncodedImage(NamedTuple):
-    """One sample for device decoding: its bytes, the crop drawn for it, and where it came from."""
+    """One sample for device decoding: its bytes, the crop drawn for it, where it came from, and whether
+    the host must decode it (:func:`needs_host_decode`: not an RGB or greyscale JPEG)."""
     data: bytes
     box: CropBox
     interpolation: int  # index into INTERPOLATIONS[:2]
     key: str
     url: str
+    host: bool = False
 
 
 class EncodedCrop:
     """Worker side of GPU decoding: read the header (PIL, nothing decoded), draw timm's crop, keep the bytes.
 
     Data whose header PIL cannot identify raises here, in the worker, and counts as a bad sample as
-    on the CPU path; data that breaks later (a truncated JPEG) is counted by the device decoder.
+    on the CPU path; data that breaks later (a truncated JPEG) is counted by the device decoder. Images
+    nvJPEG does not decode as timm would (PNG, WebP, CMYK JPEGs: a few in ImageNet) are marked for the
+    host's decoder.
     """
 
     def __init__(self, size: Union[int, Sequence[int]], scale: Sequence[float] = (0.08, 1.0),
                  ratio: Sequence[float] = (3. / 4., 4. / 3.), interpolation: str = 'bilinear',
-                 rng: Union[random.Random, object] = random) -> None:
-        self.crop = FastResizedCrop(size, scale, ratio, interpolation, rng)
+                 rng: Optional[random.Random] = None) -> None:
+        self.crop = FastResizedCrop(size, scale, ratio, interpolation, rng if rng is not None else random.Random(0))
 
     @property
     def size(self) -> Tuple[int, int]:
         return self.crop.size
 
+    def reseed(self, seed: int) -> None:
+        """Restart the crop draws from ``seed`` (the training pipeline does, per epoch and stream). The
+        draws use this RNG, not Python's global one, so a decode thread and the trainer never share one."""
+        self.crop.rng = random.Random(seed)
+
     def __call__(self, sample: Dict[str, Any], image_keys: Sequence[str]) -> EncodedImage:
         data = image_member(sample, image_keys)
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             width, height = img.size
+            host = needs_host_decode(img)
         crop = self.crop
         box = sample_crop(width, height, crop.scale, crop.ratio, crop.rng)
         interpolation = crop.interpolation
         if interpolation == 'random':
             interpolation = crop.rng.choice(INTERPOLATIONS[:2])
         return EncodedImage(data, box, INTERPOLATIONS.index(interpolation), sample.get('__key__', '?'),
-                            sample.get('__url__', '?'))
+                            sample.get('__url__', '?'), host)
 
 
 class EncodedBatch(NamedTuple):
     """A batch of encoded images: ``data`` uint8 [sum of lengths] holds image k at
-    ``offsets[k]:offsets[k + 1]``; ``boxes`` int64 [B, 5] = (top, left, height, width, interpolation)."""
+    ``offsets[k]:offsets[k + 1]``; ``boxes`` int64 [B, 6] = (top, left, height, width, interpolation, host)."""
     data: torch.Tensor
     offsets: torch.Tensor
     boxes: torch.Tensor
@@ -277,6 +339,6 @@ def pack_encoded(samples: Sequence[Tuple[EncodedImage, int]]) -> Tuple[EncodedBa
     images = [s[0] for s in samples]
     lengths = torch.tensor([0] + [len(im.data) for im in images], dtype=torch.int64)
     data = torch.frombuffer(bytearray(b''.join(im.data for im in images)), dtype=torch.uint8)
-    boxes = torch.tensor([(*im.box, im.interpolation) for im in images], dtype=torch.int64)
+    boxes = torch.tensor([(*im.box, im.interpolation, im.host) for im in images], dtype=torch.int64)
     batch = EncodedBatch(data, lengths.cumsum(0), boxes, [im.key for im in images], [im.url for im in images])
     return batch, torch.tensor([s[1] for s in samples], dtype=torch.int64)

@@ -2,10 +2,13 @@
 
 Workers hand over uint8 images (4x less to copy than float32), or a loader hands over uint8 images
 already on the device (GPU decode). :class:`DevicePrefetcher` copies
-them from pinned memory with non-blocking transfers, converts to float, normalises, optionally
-applies timm's random erasing and Mixup/CutMix on the device, and returns channels-last tensors.
-On CUDA the next batch is prepared on a side stream while the caller computes on the current one;
-on the CPU the same steps run synchronously, so the class works everywhere.
+them from pinned memory with non-blocking transfers, optionally flips and colour-jitters the uint8
+batch (:class:`~esam_timm.data.batch_aug.BatchAugment`: the fast CPU path's jitter on a GPU), converts
+to float, normalises, optionally applies timm's random erasing and Mixup/CutMix on the device, and
+returns channels-last tensors. On CUDA the next batch is prepared on a side stream while the caller
+computes on the current one (the caller's stream waits for it on the device and the batch's memory is
+marked as used there: no host sync); on the CPU the same steps run synchronously, so the class works
+everywhere.
 """
 import contextlib
 import time
@@ -16,6 +19,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 
 from .bad_data import DataReport
+from .batch_aug import BatchAugment
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -43,6 +47,9 @@ class DevicePrefetcher:
         dtype: floating dtype of the returned images.
         num_classes: when given, a label outside ``[0, num_classes)`` raises :class:`LabelRangeError`
             naming both numbers (checked on the host copy: no device sync).
+        augment: flips and colour jitter of the uint8 batch on the device, before normalisation; its
+            generator is reseeded every epoch from ``seed``, ``rank`` and the epoch.
+        seed, rank: for ``augment``'s draws.
     """
 
     def __init__(
@@ -60,8 +67,14 @@ class DevicePrefetcher:
             re_num_splits: int = 0,
             dtype: torch.dtype = torch.float32,
             num_classes: Optional[int] = None,
+            augment: Optional[BatchAugment] = None,
+            seed: int = 0,
+            rank: int = 0,
     ) -> None:
         self.loader = loader
+        self.augment = augment if augment is not None and augment.active else None
+        self.seed, self.rank = seed, rank
+        self.epoch, self._epoch_set, self._iterated = 0, False, False
         self.num_classes = num_classes
         self.device = torch.device(device)
         if self.device.type == 'cuda' and self.device.index is None:
@@ -100,7 +113,8 @@ class DevicePrefetcher:
         return data_report() if data_report is not None else None
 
     def set_epoch(self, epoch: int) -> None:
-        """Forward the epoch to the loader (it reshuffles per epoch)."""
+        """The epoch of the next iteration (``augment``'s draws); forwarded to the loader (it reshuffles)."""
+        self.epoch, self._epoch_set = epoch, True
         set_epoch = getattr(self.loader, 'set_epoch', None)
         if set_epoch is not None:
             set_epoch(epoch)
@@ -120,6 +134,8 @@ class DevicePrefetcher:
             targets = targets.pin_memory()
         images = images.to(self.device, non_blocking=on_cuda)
         targets = targets.to(self.device, non_blocking=on_cuda)
+        if self.augment is not None:
+            images = self.augment(images)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         images = images.to(dtype=self.dtype, memory_format=fmt).sub_(self.mean).div_(self.std)
         if self.random_erasing is not None:
@@ -131,8 +147,9 @@ class DevicePrefetcher:
     def _next(self, it: Iterator[Any]) -> Optional[Batch]:
         """Fetch the next host batch (timing the wait) and start its preparation; None at the end.
 
-        On CUDA both run on the side stream, so a loader that decodes on the device
-        (:class:`~esam_timm.data.gpu_decode.GpuDecodeLoader`) overlaps the compute of the current batch too.
+        On CUDA both run on the side stream. A loader that decodes on the device
+        (:class:`~esam_timm.data.gpu_decode.GpuDecodeLoader`) has decoded the batch on its own stream and
+        thread already; taking it only makes this side stream wait for it, on the device.
         """
         start = time.perf_counter()
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
@@ -147,6 +164,11 @@ class DevicePrefetcher:
     def __iter__(self) -> Iterator[Batch]:
         """Yield device batches; ``data_wait_s`` sums the host time spent waiting for the loader."""
         self.data_wait_s = 0.0
+        if self._iterated and not self._epoch_set:
+            self.epoch += 1
+        self._iterated, self._epoch_set = True, False
+        if self.augment is not None:
+            self.augment.reseed('device-augment', self.seed, self.rank, self.epoch)
         it = iter(self.loader)
         batch = self._next(it)
         while batch is not None:

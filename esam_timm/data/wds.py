@@ -14,11 +14,14 @@ mixup happen on the device (see :mod:`esam_timm.data.prefetch`). ``create_train_
 picks how training images are decoded: ``'pil'`` (timm's transform), ``'fast'`` (the same draws,
 decoded by :mod:`esam_timm.data.decode`) or ``'encoded'`` (header and crop only, for
 :mod:`esam_timm.data.gpu_decode`). Bad data (an undecodable image, a
-sample without a label, an unreadable or truncated shard) is skipped without sleeping and counted:
+sample without a label, an unreadable or truncated shard) is skipped without sleeping and counted, and
+the stream refills the batch, so training batches are always full:
 each worker sends the counts it gathered since its last batch along with the next one (nothing is
 shared between processes, no per-sample round trip), and :meth:`WdsLoader.data_report` sums them
 into the epoch's :class:`~esam_timm.data.bad_data.DataReport` (rules in :mod:`esam_timm.data.bad_data`).
-Per-sample warnings are rate-limited; the report's totals are exact.
+Per-sample warnings are rate-limited; the report's totals are exact. A failure that is not the data's
+(out of memory, a decoder that cannot run: :func:`~esam_timm.data.bad_data.is_resource_failure`) stops
+the iteration with one :class:`~esam_timm.data.bad_data.DataPipelineError` naming the sample.
 """
 import io
 import json
@@ -36,9 +39,9 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .decode import EncodedCrop, FastTrainTransform, image_member, pack_encoded
+from .bad_data import DataPipelineError, DataReport, is_resource_failure
+from .decode import EncodedCrop, FastTrainTransform, image_member, jpeg_decoder, pack_encoded
 from .prefetch import LabelRangeError
-from .bad_data import DataReport
 from .sources import INFO_NAME, ShardSource
 from .tar import ShardReadError, describe_error, read_shard
 from .workers import ignore_stop_signals
@@ -61,9 +64,10 @@ _MAX_CONSECUTIVE_BAD_SAMPLES = 1000
 Batch = Tuple[torch.Tensor, torch.Tensor]
 # What a dataset hands to the DataLoader: (images, labels, bad data since the last item or None, a fatal
 # error or None); images and labels are None in the item that closes a worker's stream. A label outside
-# the model's classes is a fatal error: it travels as text, so the trainer gets one message naming the
-# sample and its shard instead of a worker's traceback.
-_Item = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[DataReport], Optional[str]]
+# the model's classes and a failure of the machine are fatal errors: they travel as exceptions of their own
+# type, so the trainer gets one message naming the sample and its shard instead of a worker's traceback.
+_FatalError = Union[LabelRangeError, DataPipelineError]
+_Item = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[DataReport], Optional[_FatalError]]
 
 
 class BadDataTally:
@@ -174,8 +178,9 @@ def _decode_samples(
     ``reader(sample, image_keys)`` gets the image (a PIL image by default); ``transform``, when not None,
     makes the batch item of it.
 
-    Raises RuntimeError after many failures in a row: that is a broken source or configuration; and
-    :class:`LabelRangeError` for a label outside ``[0, num_classes)``, naming the sample and its shard.
+    Raises RuntimeError after many failures in a row: that is a broken source or configuration;
+    :class:`LabelRangeError` for a label outside ``[0, num_classes)``, naming the sample and its shard;
+    and :class:`~esam_timm.data.bad_data.DataPipelineError` when the machine, not the sample, failed.
     """
     failures = 0
     for sample in samples:
@@ -185,6 +190,13 @@ def _decode_samples(
             if transform is not None:
                 image = transform(image)
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            if is_resource_failure(exc):
+                first_line = (str(exc).strip().splitlines() or [''])[0]
+                raise DataPipelineError(
+                    f'a loader worker failed on sample {sample.get("__key__")!r} of {sample.get("__url__")} '
+                    f'({type(exc).__name__}: {first_line}): the machine or the decoder failed, not the data, so '
+                    f'nothing is counted as bad; give the workers more memory (fewer --workers, a smaller batch) '
+                    f'or fix the decoder install') from exc
             tally.bad_sample(sample.get('__key__', '?'), sample.get('__url__', '?'), exc)
             failures += 1
             if failures >= _MAX_CONSECUTIVE_BAD_SAMPLES:
@@ -305,8 +317,8 @@ class _WdsDataset(IterableDataset):
         try:
             for images, labels in batches:
                 yield images, labels, tally.pop(), None
-        except LabelRangeError as exc:
-            yield None, None, tally.pop(), str(exc)
+        except (LabelRangeError, DataPipelineError) as exc:
+            yield None, None, tally.pop(), type(exc)(str(exc))  # the message alone crosses the process boundary
             return
         tail = tally.pop()
         if tail is not None:
@@ -316,15 +328,19 @@ class _WdsDataset(IterableDataset):
 class WdsTrainDataset(_WdsDataset):
     """Per-worker training pipeline: shards -> shuffle buffer -> decode/transform -> batches.
 
-    Each DataLoader worker yields its share of ``batches_per_rank`` full batches per epoch. All
-    randomness (shard order, shuffle buffer and, inside worker processes, the augmentations) is
-    seeded from (seed, epoch, rank, worker): runs reproduce and every epoch reshuffles.
+    Each DataLoader worker yields its share of ``batches_per_rank`` full batches per epoch, or, when
+    ``endless``, batches for as long as it is asked (GPU decode takes a few more to refill the batches
+    that lost an undecodable image). All randomness (shard order, shuffle buffer and, inside worker
+    processes, the augmentations) is seeded from (seed, epoch, rank, worker): runs reproduce and every
+    epoch reshuffles. A reader with its own RNG (``reseed``, GPU decode's crop draws) is seeded from the
+    same, in the calling process too.
     """
 
     def __init__(self, source: ShardSource, *, batches_per_rank: int, seed: int, shuffle_buffer: int,
-                 shuffle_initial: int, **common: Any) -> None:
+                 shuffle_initial: int, endless: bool = False, **common: Any) -> None:
         super().__init__(source, **common)
         self.batches_per_rank = batches_per_rank
+        self.endless = endless
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_initial = shuffle_initial
@@ -340,13 +356,16 @@ class WdsTrainDataset(_WdsDataset):
 
     def __iter__(self) -> Iterator[_Item]:
         worker, num_workers = _worker_info()
-        num_batches = len(range(worker, self.batches_per_rank, num_workers))
+        num_batches = None if self.endless else len(range(worker, self.batches_per_rank, num_workers))
         if num_batches == 0:
             return iter(())
         epoch = self.epoch
         stream = self.rank * num_workers + worker
         num_streams = self.world_size * num_workers
         rng = random.Random(f'stream/{self.seed}/{epoch}/{stream}/{num_streams}')
+        reseed = getattr(self.reader, 'reseed', None)
+        if reseed is not None:
+            reseed(random.Random(f'reader/{self.seed}/{epoch}/{stream}/{num_streams}').getrandbits(64))
         if get_worker_info() is not None:
             # Augmentations draw from the global RNGs; in a worker process those are ours to seed.
             aug_seed = rng.getrandbits(32)
@@ -485,12 +504,14 @@ class WdsLoader:
 
     def _batches(self, items: Iterator[_Item], report: DataReport) -> Iterator[Batch]:
         """Strip the reports off the workers' items into ``report``; count the good samples; raise a
-        worker's :class:`~esam_timm.data.prefetch.LabelRangeError` here."""
+        worker's :class:`~esam_timm.data.prefetch.LabelRangeError` or
+        :class:`~esam_timm.data.bad_data.DataPipelineError` here."""
         for images, labels, delta, error in items:
             if delta is not None:
                 report.merge(delta)
             if error is not None:
-                raise LabelRangeError(error)
+                del items  # the DataLoader's workers stop now, not when the error's traceback goes
+                raise error
             if images is not None and labels is not None:
                 report.samples += len(labels)
                 yield images, labels
@@ -567,7 +588,10 @@ def create_train_loader(
             :class:`~esam_timm.data.decode.FastTrainTransform` (no auto-augment or crop modes).
             ``'encoded'``: batches of :class:`~esam_timm.data.decode.EncodedBatch` (JPEG bytes and
             crop boxes; flips and jitter are left to the device) for
-            :class:`~esam_timm.data.gpu_decode.GpuDecodeLoader`.
+            :class:`~esam_timm.data.gpu_decode.GpuDecodeLoader`; this stream does not stop after
+            ``len()`` batches: the device decoder takes what it needs to refill the batches that lost
+            an undecodable image, and stops. ``'fast'`` and ``'encoded'`` need TorchCodec (ValueError
+            naming what to install when it is missing).
         batches_per_update: the trainer's gradient accumulation: the epoch is a whole number of updates
             of this many full batches, so an epoch has ``ceil(num_samples / global batch)`` updates and
             every update sees a full global batch, whatever the split between processes and
@@ -592,13 +616,14 @@ def create_train_loader(
             color_jitter=color_jitter, auto_augment=auto_augment, interpolation=interpolation,
             mean=tuple(mean), std=tuple(std), train_crop_mode=train_crop_mode, use_prefetcher=True)
     else:
+        jpeg_decoder()  # TorchCodec missing or broken: one line now, not a failure in every worker later
         crop_args = (img_size, tuple(scale or (0.08, 1.0)), tuple(ratio or (3. / 4., 4. / 3.)), interpolation)
         if decode == 'fast':
             transform = FastTrainTransform(*crop_args, hflip=hflip, vflip=vflip, color_jitter=color_jitter)
             pipeline = dict(reader=image_member)
         else:
             transform = None
-            pipeline = dict(reader=EncodedCrop(*crop_args), collate_fn=pack_encoded)
+            pipeline = dict(reader=EncodedCrop(*crop_args), collate_fn=pack_encoded, endless=True)
     num_updates = math.ceil(source.num_samples / (batch_size * world_size * batches_per_update))
     num_batches = num_updates * batches_per_update
     dataset = WdsTrainDataset(
