@@ -19,7 +19,8 @@ from esam_timm.data import BadDataError, LabelRangeError
 from esam_timm.fileio import DiskFullError
 from esam_timm.train import (DivergedError, GracefulStop, RunFolderBusy, SetupError, Trainer, TrainingStopped,
                              claim_run_folder, parse_args)
-from train_helpers import demo_copy_without_labels, read_summary, trainer_argv
+from train_helpers import (demo_copy_without_labels, read_summary, resume_line, signal_when, start_in_own_group,
+                           trainer_argv)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'train_esam.py')
@@ -203,39 +204,14 @@ def test_a_second_signal_stops_at_once(monkeypatch):
     assert exits == [130]
 
 
-def _start(cmd, cwd):
-    """A training process in its own process group (a terminal's Ctrl-C reaches the whole group)."""
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                            cwd=str(cwd), start_new_session=True)
-
-
-def _signal_when(proc, pattern, signum, timeout=300):
-    """Read the process's output until ``pattern`` appears, then signal its process group; return all output."""
-    lines, deadline, sent = [], time.monotonic() + timeout, False
-    for line in proc.stdout:
-        lines.append(line)
-        if not sent and re.search(pattern, line):
-            os.killpg(proc.pid, signum)
-            sent = True
-        assert time.monotonic() < deadline, ''.join(lines[-30:])
-    proc.wait(timeout=60)
-    assert sent, ''.join(lines[-30:])
-    return ''.join(lines)
-
-
-def _resume_line(output, signame):
-    (line,) = [l for l in output.splitlines() if l.startswith(f'train_esam.py: stopped by {signame}')]
-    return line.split('resume with: ', 1)[1]
-
-
 @pytest.mark.slow
 def test_ctrl_c_on_the_script_exits_130_with_the_resume_command(demo_dir, tmp_path):
     argv = trainer_argv(demo_dir, tmp_path, *SHORT, '--opt', 'esam', '--workers', '1', '--log-interval', '1')
-    proc = _start([sys.executable, SCRIPT, *argv], tmp_path)
-    output = _signal_when(proc, r'Train: 0 \[\s+2/5', signal.SIGINT)
+    proc = start_in_own_group([sys.executable, SCRIPT, *argv], tmp_path)
+    output = signal_when(proc, r'Train: 0 \[\s+2/5', signal.SIGINT)
     assert proc.returncode == 130, output[-3000:]
     assert 'Traceback' not in output
-    command = shlex.split(_resume_line(output, 'SIGINT'))
+    command = shlex.split(resume_line(output, 'SIGINT'))
     assert command[:2] == ['python', SCRIPT] and command[2:-2] == argv
     assert os.path.isfile(command[-1])
     done = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=300, env=ENV,
@@ -254,11 +230,11 @@ def test_sigterm_to_a_torchrun_job_resumes_to_the_uninterrupted_weights(demo_dir
                                                             '--val-split', '')],
                           capture_output=True, text=True, timeout=300, env=ENV, cwd=str(tmp_path))
     assert full.returncode == 0, full.stderr[-3000:]
-    proc = _start([*launcher, SCRIPT, *argv], tmp_path)
-    output = _signal_when(proc, r'Train: 0 \[\s+3/10', signal.SIGTERM)  # SIGTERM to torchrun and both ranks
+    proc = start_in_own_group([*launcher, SCRIPT, *argv], tmp_path)
+    output = signal_when(proc, r'Train: 0 \[\s+3/10', signal.SIGTERM)  # SIGTERM to torchrun and both ranks
     lines = [l for l in output.splitlines() if l.startswith('train_esam.py: stopped by SIGTERM')]
     assert len(lines) == 2 and lines[0] == lines[1], output[-3000:]  # both ranks stopped at the same update
-    command = shlex.split(_resume_line(lines[0], 'SIGTERM'))
+    command = shlex.split(resume_line(lines[0], 'SIGTERM'))
     assert command[:5] == ['torchrun', '--standalone', '--nproc_per_node', '2', SCRIPT]
     assert os.path.isfile(command[-1])
     resumed = subprocess.run([*launcher, *command[4:]], capture_output=True, text=True, timeout=300, env=ENV,
@@ -353,7 +329,7 @@ def test_unreadable_samples_are_not_said_to_be_in_zero_shards(demo_dir, tmp_path
     assert 'samples in 0 shards' not in line
 
 
-def test_stale_temporary_files_are_removed_at_the_next_start(demo_dir, tmp_path, caplog):
+def test_stale_temporary_files_are_removed_at_the_nextstart_in_own_group(demo_dir, tmp_path, caplog):
     _fit(demo_dir, tmp_path, '--opt', 'momentum', '--epochs', '1', '--val-split', '')
     stale = tmp_path / 'run' / 'last.pth.tar.99999.tmp'
     stale.write_bytes(b'half a checkpoint')

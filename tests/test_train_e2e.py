@@ -211,8 +211,10 @@ def test_wandb_offline_run_holds_esam_metrics(demo_dir, tmp_path, monkeypatch):
         for key in ('train/sharpness', 'train/grad_norm', 'train/lr', 'train/samples_per_sec',
                     'train/data_time'):
             assert key in row
+        assert 0 <= row['train/data_wait_share'] <= 1
     epoch_row = rows[-1]  # the epoch's summary.csv row under timm's keys
-    for key in ('eval_top1', 'eval_loss', 'train_loss', 'train_sharpness', 'train_skipped_ascents', 'lr', 'epoch'):
+    for key in ('eval_top1', 'eval_loss', 'train_loss', 'train_sharpness', 'train_skipped_ascents', 'lr', 'epoch',
+                'train_data_wait_share'):
         assert key in epoch_row, key
 
 
@@ -230,14 +232,15 @@ def test_wandb_failure_is_a_warning(monkeypatch):
     logger.finish()
 
 
-def test_resume_inside_an_accumulation_window_is_refused(demo_dir, tmp_path):
+def test_a_mid_epoch_resume_with_another_global_batch_is_refused(demo_dir, tmp_path):
     common = ['--opt', 'esam', '--epochs', '1', '--recovery-interval', '3']
     with pytest.raises(_Killed):
         _train(demo_dir, tmp_path, *common, callbacks=[_kill_at(0, 4)])
     checkpoint = tmp_path / 'run' / 'recovery-0-3.pth.tar'
-    with pytest.raises(ValueError, match=r'stopped after batch 3 of epoch 0, inside an update of '
-                                         r'--grad-accum-steps 2.*written with \(1\) or another value that '
-                                         r'divides 3'):
+    with pytest.raises(ValueError, match=r'stopped in the middle of epoch 0 \(after 3 of its 10 updates\) of a run '
+                                         r'with a global batch of 32 .* A mid-epoch checkpoint continues only with '
+                                         r'the same global batch: --grad-accum-steps 1 keeps it with -b 32 on 1 '
+                                         r'process\(es\)'):
         _train(demo_dir, tmp_path, *common, '--grad-accum-steps', '2', '--resume', str(checkpoint))
 
 
@@ -254,9 +257,11 @@ def test_torchrun_two_processes_gloo(demo_dir, tmp_path, accum, opt):
     log = proc.stderr
     assert 'Process 0 of 2' in log and '(gloo)' in log
     assert '(100 images)' in log  # the validation split counted exactly once across both ranks
-    assert log.count('Train: 0 [   10/10') == 1  # only rank 0 logs; 320 / (16 * 2) = 10 batches per rank
+    # an epoch is ceil(320 / global batch) updates of full batches: 10, 3 (of 4 batches) and 5 updates
+    updates = -(-320 // (32 * accum))
+    assert log.count(f'Train: 0 [{updates * accum:>5d}/{updates * accum}') == 1  # only rank 0 logs
     assert f'global batch of {32 * accum} (16 per process x 2 processes x {accum} accumulated)' in log
-    assert f'1 epochs of 10 batches ({-(-10 // accum)} updates)' in log
+    assert f'1 epochs of {updates * accum} batches ({updates} updates)' in log
     rows = _summary(tmp_path / 'run')
     assert [r['epoch'] for r in rows] == ['0']
     if opt == 'esam':

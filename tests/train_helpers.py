@@ -1,6 +1,9 @@
 """Shared pieces of the trainer tests: a tiny demo run's command line, running it, reading its summary."""
 import csv
 import os
+import re
+import subprocess
+import time
 
 from esam_timm.train import Trainer, parse_args
 
@@ -35,3 +38,35 @@ def demo_copy_without_labels(demo_dir, out_dir, shard='demo-train-0001.tar'):
             if not member.name.endswith('.cls'):
                 tout.addfile(member, tin.extractfile(member))
     return str(out_dir)
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS='1')
+
+
+def start_in_own_group(cmd, cwd):
+    """A training process in its own process group (a terminal's Ctrl-C, SLURM and ``kill -- -PGID`` reach the
+    whole group: the trainer, its data-loader workers and, under torchrun, every rank)."""
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                            cwd=str(cwd), start_new_session=True)
+
+
+def signal_when(proc, pattern, signum, timeout=300, group=True):
+    """Read the process's output until ``pattern`` appears, then signal its process group (``group``) or the
+    process alone; return all output."""
+    lines, deadline, sent = [], time.monotonic() + timeout, False
+    for line in proc.stdout:
+        lines.append(line)
+        if not sent and re.search(pattern, line):
+            (os.killpg if group else os.kill)(proc.pid, signum)
+            sent = True
+        assert time.monotonic() < deadline, ''.join(lines[-30:])
+    proc.wait(timeout=60)
+    assert sent, ''.join(lines[-30:])
+    return ''.join(lines)
+
+
+def resume_line(output, signame):
+    """The command a stopped run printed to resume it (the one line, or the same line from every rank)."""
+    lines = {l for l in output.splitlines() if l.startswith(f'train_esam.py: stopped by {signame}')}
+    (line,) = lines
+    return line.split('resume with: ', 1)[1]

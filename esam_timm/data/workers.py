@@ -11,6 +11,8 @@ down (they leave when the trainer tells them, or when it is gone).
 import signal
 from typing import Any, Callable, Optional
 
+from torch.utils.data import DataLoader
+
 __all__ = ['ignore_stop_signals', 'leave_stop_signals_to_the_trainer']
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -37,7 +39,10 @@ class _Chained:
 
 
 def leave_stop_signals_to_the_trainer(loader: Any) -> None:
-    """Make the workers of a DataLoader built elsewhere (timm's ``create_loader``) ignore SIGINT and SIGTERM,
-    after its own ``worker_init_fn``. Call before the loader's first iteration."""
+    """Make the workers of a DataLoader built elsewhere (timm's ``create_loader``, also inside its
+    ``PrefetchLoader``) ignore SIGINT and SIGTERM, after its own ``worker_init_fn``. Call before the
+    loader's first iteration."""
+    while not isinstance(loader, DataLoader):
+        loader = loader.loader  # timm's PrefetchLoader (and MultiEpochsDataLoader's) inner loader
     if not isinstance(loader.worker_init_fn, _Chained):
         loader.worker_init_fn = _Chained(loader.worker_init_fn)

@@ -2,7 +2,10 @@
 context it runs in, weight backups, and sample-weighted losses over a fixed set of batches.
 
 Every measurement treats the batches as one dataset: the loss is the mean over all their samples
-(each batch weighted by its size), so a short last batch does not count as much as a full one.
+(each batch weighted by its size), so a short last batch does not count as much as a full one. With
+``distributed=True`` the dataset is the union of every rank's batches: each rank computes its batches'
+share (weights over the samples of all ranks) and the shares are summed over the ranks, so the ranks
+divide the work and all get the same numbers (a rank may hold no batch).
 """
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Sequence, Tuple
@@ -12,9 +15,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from esam_timm.console import ProgressBar
+from esam_timm.distributed import all_reduce_sum, all_reduce_sum_
 
 __all__ = ['Batch', 'LossFn', 'unwrap_model', 'trainable_parameters', 'measuring', 'restored_after',
-           'seeded_generator', 'check_batches', 'batch_weights', 'evaluate_loss', 'dot', 'global_norm', 'progress_bar']
+           'seeded_generator', 'check_batches', 'batch_weights', 'evaluate_loss', 'dot', 'global_norm', 'progress_bar',
+           'sum_over_ranks_']
 
 Batch = Tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -65,18 +70,22 @@ def measuring(model: nn.Module) -> Iterator[nn.Module]:
 
     Eval mode: BatchNorm uses its running statistics and dropout is off, so the loss is a
     deterministic function of the weights and the batches. Autocast is turned off for the device the
-    parameters are on (the measurement runs in the parameters' fp32); TF32 stays as the caller set it.
+    parameters are on, and so is TF32 (the trainer's CUDA default), so the measurement runs in the
+    parameters' full fp32; both are as found afterwards.
     """
     inner = unwrap_model(model)
     modules = list(inner.modules())
     modes = [m.training for m in modules]
     first = next(inner.parameters(), None)
     device_type = first.device.type if first is not None else 'cpu'
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         inner.eval()
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         with torch.autocast(device_type=device_type, enabled=False):
             yield inner
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         for module, mode in zip(modules, modes):
             module.training = mode
 
@@ -103,10 +112,11 @@ def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
     return generator
 
 
-def check_batches(batches: Sequence[Batch]) -> List[Batch]:
-    """The batches as a list of (inputs, targets) pairs; refuses an empty set or a malformed entry."""
+def check_batches(batches: Sequence[Batch], distributed: bool = False) -> List[Batch]:
+    """The batches as a list of (inputs, targets) pairs; refuses an empty set (on one rank; with
+    ``distributed`` a rank may hold none, but not all of them) or a malformed entry."""
     out = list(batches)
-    if not out:
+    if not out and (not distributed or total_samples(out, distributed) == 0):
         raise ValueError('no batches given: pass a non-empty sequence of (inputs, targets) pairs')
     for i, batch in enumerate(out):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(torch.is_tensor(t) for t in batch):
@@ -117,21 +127,36 @@ def check_batches(batches: Sequence[Batch]) -> List[Batch]:
     return out
 
 
-def batch_weights(batches: Sequence[Batch]) -> List[float]:
-    """Each batch's share of all samples: the weight of its mean loss in the mean over all samples."""
-    sizes = [batch[0].shape[0] for batch in batches]
-    total = float(sum(sizes))
-    return [size / total for size in sizes]
+def total_samples(batches: Sequence[Batch], distributed: bool = False) -> int:
+    """The samples of ``batches``, summed over the ranks with ``distributed`` (a collective then)."""
+    count = sum(batch[0].shape[0] for batch in batches)
+    return int(all_reduce_sum([count])[0]) if distributed else count
 
 
-def evaluate_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn) -> Tensor:
-    """The mean loss over all samples of ``batches`` at the current weights (no grad), as a 0-dim
-    tensor on the device (no host sync). Call it inside :func:`measuring`."""
-    total = None
+def batch_weights(batches: Sequence[Batch], distributed: bool = False) -> List[float]:
+    """Each batch's share of all samples (of every rank's batches with ``distributed``, a collective then):
+    the weight of its mean loss in the mean over all samples."""
+    total = float(total_samples(batches, distributed))
+    return [batch[0].shape[0] / total for batch in batches]
+
+
+def sum_over_ranks_(tensors: Sequence[Tensor], distributed: bool) -> None:
+    """With ``distributed``, replace each rank's shares by their sum over the ranks (in place, one
+    collective); without, leave them."""
+    if distributed:
+        all_reduce_sum_(tensors)
+
+
+def evaluate_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, distributed: bool = False) -> Tensor:
+    """The mean loss over all samples of ``batches`` (every rank's with ``distributed``) at the current
+    weights (no grad), as a 0-dim float64 tensor on the device (no host sync outside DDP). Call it inside
+    :func:`measuring`."""
+    first = next(model.parameters())
+    total = torch.zeros((), dtype=torch.float64, device=first.device)
     with torch.no_grad():
-        for (inputs, targets), weight in zip(batches, batch_weights(batches)):
-            term = loss_fn(model(inputs), targets).detach().to(torch.float64) * weight
-            total = term if total is None else total + term
+        for (inputs, targets), weight in zip(batches, batch_weights(batches, distributed)):
+            total += loss_fn(model(inputs), targets).detach().to(torch.float64) * weight
+    sum_over_ranks_([total], distributed)
     return total
 
 

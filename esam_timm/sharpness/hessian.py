@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .core import (Batch, LossFn, batch_weights, check_batches, dot, global_norm, measuring, progress_bar,
-                   seeded_generator, trainable_parameters)
+                   seeded_generator, sum_over_ranks_, trainable_parameters)
 
 __all__ = ['EigenResult', 'TraceResult', 'hessian_vector_product', 'hessian_top_eigenvalue', 'hessian_trace']
 
@@ -70,12 +70,13 @@ def _hvp_from_grads(grads: Sequence[Tensor], params: Sequence[Tensor], vector: S
 
 
 def _weighted_hvp(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, params: Sequence[Tensor],
-                  vector: Sequence[Tensor], bar: Any) -> List[Tensor]:
+                  vector: Sequence[Tensor], bar: Any, weights: Sequence[float], distributed: bool) -> List[Tensor]:
     out = [torch.zeros_like(p) for p in params]
-    for (inputs, targets), weight in zip(batches, batch_weights(batches)):
+    for (inputs, targets), weight in zip(batches, weights):
         grads = _gradients(loss_fn(model(inputs), targets), params, create_graph=True)
         torch._foreach_add_(out, _hvp_from_grads(grads, params, vector, retain_graph=False), alpha=weight)
         bar.update()
+    sum_over_ranks_(out, distributed)
     return out
 
 
@@ -92,7 +93,8 @@ def hessian_vector_product(model: nn.Module, batches: Sequence[Batch], loss_fn: 
         if len(vector) != len(params) or any(v.shape != p.shape for v, p in zip(vector, params)):
             raise ValueError(f'vector has {len(vector)} tensors; it needs one per trainable parameter '
                              f'({len(params)}), each of that parameter\'s shape')
-        return _weighted_hvp(inner, batches, loss_fn, params, vector, progress_bar(0, '', False))
+        return _weighted_hvp(inner, batches, loss_fn, params, vector, progress_bar(0, '', False),
+                             batch_weights(batches), distributed=False)
 
 
 def _gaussian_like(params: Sequence[Tensor], generator: torch.Generator) -> List[Tensor]:
@@ -105,13 +107,14 @@ def _rademacher_like(params: Sequence[Tensor], generator: torch.Generator) -> Li
 
 
 def _power_iteration(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, params: Sequence[Tensor],
-                     vector: List[Tensor], shift: float, iters: int, tol: float,
-                     bar: Any) -> Tuple[float, int, bool, List[Tensor]]:
+                     vector: List[Tensor], shift: float, iters: int, tol: float, bar: Any, weights: Sequence[float],
+                     distributed: bool) -> Tuple[float, int, bool, List[Tensor]]:
     """Power iteration on ``H - shift * I`` from the unit ``vector``; returns the Rayleigh quotient of
-    ``H`` itself, the iterations run, whether it settled within ``tol`` and the last unit vector."""
+    ``H`` itself, the iterations run, whether it settled within ``tol`` and the last unit vector. Every
+    rank gets the same product (summed over the ranks) and so takes the same decisions."""
     value = math.nan
     for iteration in range(1, iters + 1):
-        product = _weighted_hvp(model, batches, loss_fn, params, vector, bar)
+        product = _weighted_hvp(model, batches, loss_fn, params, vector, bar, weights, distributed)
         estimate = float(dot(vector, product))
         if shift:
             torch._foreach_add_(product, vector, alpha=-shift)
@@ -126,7 +129,8 @@ def _power_iteration(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn
 
 
 def hessian_top_eigenvalue(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, iters: int = 20,
-                           tol: float = 1e-3, seed: int = 0, progress: bool = False) -> EigenResult:
+                           tol: float = 1e-3, seed: int = 0, progress: bool = False,
+                           distributed: bool = False) -> EigenResult:
     """The largest Hessian eigenvalue of the mean loss over ``batches``, by power iteration.
 
     Power iteration finds the eigenvalue of largest magnitude. Near a minimum that is the top one; when
@@ -136,13 +140,15 @@ def hessian_top_eigenvalue(model: nn.Module, batches: Sequence[Batch], loss_fn: 
     stops when the Rayleigh quotient changes by at most ``tol`` relative to its previous value.
     ``iters`` bounds the products of both phases together (each costs one forward and two backwards
     per batch); ``converged`` says whether the answer settled. Eval mode, no autocast; weights, flags
-    and ``.grad`` are left as found.
+    and ``.grad`` are left as found. With ``distributed`` every rank calls it with its own batches (a
+    collective) and all get the eigenvalue of the mean loss over every rank's batches.
     """
     if iters < 1:
         raise ValueError(f'iters={iters} is invalid: power iteration needs at least 1 iteration')
     if not tol > 0:
         raise ValueError(f'tol={tol} is invalid: give a positive relative tolerance (e.g. 1e-3)')
-    batches = check_batches(batches)
+    batches = check_batches(batches, distributed)
+    weights = batch_weights(batches, distributed)
     with measuring(model) as inner, _double_backward_ready():
         _, params = trainable_parameters(inner)
         generator = seeded_generator(params[0].device, seed)
@@ -154,11 +160,12 @@ def hessian_top_eigenvalue(model: nn.Module, batches: Sequence[Batch], loss_fn: 
         bar = progress_bar(iters * len(batches), 'Hessian eigenvalue', progress)
         try:
             value, iterations, converged, vector = _power_iteration(inner, batches, loss_fn, params, start(), 0.0,
-                                                                    iters, tol, bar)
+                                                                    iters, tol, bar, weights, distributed)
             if value < 0:
                 if iterations < iters:
                     value, more, converged, vector = _power_iteration(inner, batches, loss_fn, params, start(), value,
-                                                                      iters - iterations, tol, bar)
+                                                                      iters - iterations, tol, bar, weights,
+                                                                      distributed)
                     iterations += more
                 else:
                     converged = False
@@ -175,7 +182,7 @@ def hessian_top_eigenvalue(model: nn.Module, batches: Sequence[Batch], loss_fn: 
 
 
 def hessian_trace(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *, samples: int = 10,
-                  seed: int = 0, progress: bool = False) -> TraceResult:
+                  seed: int = 0, progress: bool = False, distributed: bool = False) -> TraceResult:
     """Hutchinson's estimate of the Hessian trace of the mean loss over ``batches``, with its standard
     error (the probes' standard deviation / sqrt(samples)).
 
@@ -187,14 +194,15 @@ def hessian_trace(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *
     if samples < 2:
         raise ValueError(f'samples={samples} is invalid: Hutchinson\'s estimate needs at least 2 probes '
                          f'(its standard error needs two)')
-    batches = check_batches(batches)
+    batches = check_batches(batches, distributed)
+    weights = batch_weights(batches, distributed)
     with measuring(model) as inner, _double_backward_ready():
         _, params = trainable_parameters(inner)
         device = params[0].device
         quadratic = torch.zeros(samples, dtype=torch.float64, device=device)
         bar = progress_bar(samples * len(batches), 'Hessian trace', progress)
         try:
-            for (inputs, targets), weight in zip(batches, batch_weights(batches)):
+            for (inputs, targets), weight in zip(batches, weights):
                 grads = _gradients(loss_fn(inner(inputs), targets), params, create_graph=True)
                 for index in range(samples):
                     probe = _rademacher_like(params, seeded_generator(device, seed * 1_000_003 + index))
@@ -204,5 +212,6 @@ def hessian_trace(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, *
                 del grads
         finally:
             bar.close()
+    sum_over_ranks_([quadratic], distributed)
     std_error = float(quadratic.std() / math.sqrt(samples))
     return TraceResult(value=float(quadratic.mean()), std_error=std_error, samples=samples)

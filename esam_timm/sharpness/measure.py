@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from esam_timm.distributed import all_reduce_max
+
 from .core import (Batch, check_batches, evaluate_loss, global_norm, measuring, progress_bar, restored_after,
-                   trainable_parameters)
+                   sum_over_ranks_, total_samples, trainable_parameters)
 from .hessian import hessian_top_eigenvalue, hessian_trace
 
 __all__ = ['SharpnessReport', 'm_sharpness', 'measure_sharpness']
@@ -63,7 +65,7 @@ def _chunks(batch: Batch, m: Optional[int]) -> Sequence[Tuple[Tensor, Tensor]]:
 
 
 def m_sharpness(model: nn.Module, batches: Sequence[Batch], loss_fn: Callable[[Tensor, Tensor], Tensor], *,
-                rho: float = 0.05, m: Optional[int] = None, progress: bool = False) -> float:
+                rho: float = 0.05, m: Optional[int] = None, progress: bool = False, distributed: bool = False) -> float:
     """SAM's m-sharpness: ``L_c(w + e_c) - L_c(w)`` averaged over chunks ``c`` of ``m`` samples, where
     ``e_c = rho * g_c / ||g_c||`` is the ascent from the chunk's own gradient ``g_c`` (SAM's, not
     scaled by ESAM's 1/beta) and ``L_c`` the chunk's mean loss.
@@ -71,11 +73,12 @@ def m_sharpness(model: nn.Module, batches: Sequence[Batch], loss_fn: Callable[[T
     ``m=None`` makes each batch one chunk; a batch whose size ``m`` does not divide ends with a smaller
     chunk, and chunks are weighted by their size. In eval mode, so BatchNorm's running statistics make
     each sample's loss independent of the chunking: ``m`` only sets what one ascent sees. The weights are
-    restored bitwise; ``.grad`` is not touched.
+    restored bitwise; ``.grad`` is not touched. With ``distributed`` every rank calls it with its own
+    batches (a collective) and all get the mean over every rank's chunks.
     """
     _check_ascent(rho, m)
-    batches = check_batches(batches)
-    total_samples = sum(inputs.shape[0] for inputs, _ in batches)
+    batches = check_batches(batches, distributed)
+    samples = total_samples(batches, distributed)
     chunks = [chunk for batch in batches for chunk in _chunks(batch, m)]
     with measuring(model) as inner:
         _, params = trainable_parameters(inner)
@@ -95,17 +98,18 @@ def m_sharpness(model: nn.Module, batches: Sequence[Batch], loss_fn: Callable[[T
                         torch._foreach_add_(params, grads)
                         perturbed = loss_fn(inner(inputs), targets)
                         torch._foreach_copy_(params, original)
-                        rise += (perturbed - clean.detach()).to(torch.float64) * (inputs.shape[0] / total_samples)
+                        rise += (perturbed - clean.detach()).to(torch.float64) * (inputs.shape[0] / samples)
                     bar.update()
         finally:
             bar.close()
+    sum_over_ranks_([rise], distributed)
     return float(rise)
 
 
 def measure_sharpness(model: nn.Module, batches: Sequence[Tuple[Tensor, Tensor]],
                       loss_fn: Callable[[Tensor, Tensor], Tensor], *, rho: Optional[float] = 0.05,
                       m: Optional[int] = None, eig_iters: int = 20, eig_tol: float = 1e-3, trace_samples: int = 0,
-                      seed: int = 0, progress: bool = False) -> SharpnessReport:
+                      seed: int = 0, progress: bool = False, distributed: bool = False) -> SharpnessReport:
     """Measure the loss, the top Hessian eigenvalue, SAM's m-sharpness and (optionally) the Hessian trace
     of ``model`` on fixed ``batches``.
 
@@ -127,34 +131,41 @@ def measure_sharpness(model: nn.Module, batches: Sequence[Tuple[Tensor, Tensor]]
         raise ValueError(f'trace_samples={trace_samples} is invalid: give 0 (no trace) or at least 2 probes')
     if rho is not None:
         _check_ascent(rho, m)
-    batches = check_batches(batches)
+    batches = check_batches(batches, distributed)
     start = time.perf_counter()
     with measuring(model) as inner:
         trainable_parameters(inner)  # refuse a bf16/fp16 or frozen model before any work
-        loss = float(evaluate_loss(inner, batches, loss_fn))
+        loss = float(evaluate_loss(inner, batches, loss_fn, distributed))
+    common = dict(progress=progress, distributed=distributed)
     eigen = hessian_top_eigenvalue(model, batches, loss_fn, iters=eig_iters, tol=eig_tol, seed=seed,
-                                   progress=progress) if eig_iters else None
-    sharpness = m_sharpness(model, batches, loss_fn, rho=rho, m=m, progress=progress) if rho is not None else None
+                                   **common) if eig_iters else None
+    sharpness = m_sharpness(model, batches, loss_fn, rho=rho, m=m, **common) if rho is not None else None
     trace = hessian_trace(model, batches, loss_fn, samples=trace_samples, seed=seed + 1,
-                          progress=progress) if trace_samples else None
+                          **common) if trace_samples else None
     report = SharpnessReport(
         loss=loss,
         top_eigenvalue=eigen.value if eigen else None,
         eig_iterations=eigen.iterations if eigen else 0,
         eig_converged=eigen.converged if eigen else False,
         m_sharpness=sharpness,
-        m=(m if m is not None else max(b[0].shape[0] for b in batches)) if rho is not None else None,
+        m=(m if m is not None else _largest_batch(batches, distributed)) if rho is not None else None,
         rho=rho,
         hessian_trace=trace.value if trace else None,
         trace_std_error=trace.std_error if trace else None,
         trace_samples=trace_samples,
-        num_samples=sum(b[0].shape[0] for b in batches),
+        num_samples=total_samples(batches, distributed),
         seconds=time.perf_counter() - start,
     )
     _logger.info('Sharpness on %d samples: loss %.4f, top eigenvalue %s, m-sharpness %s, trace %s (%.1f s)',
                  report.num_samples, report.loss, _fmt(report.top_eigenvalue), _fmt(report.m_sharpness),
                  _fmt(report.hessian_trace), report.seconds)
     return report
+
+
+def _largest_batch(batches: Sequence[Batch], distributed: bool) -> int:
+    """The largest batch (of any rank's with ``distributed``): what ``m=None`` means."""
+    largest = max((b[0].shape[0] for b in batches), default=0)
+    return int(all_reduce_max(largest)) if distributed else largest
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -8,9 +8,10 @@ import inspect
 import logging
 import math
 import os
+import socket
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Dict, Optional, Tuple
+from datetime import datetime, timedelta
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -22,19 +23,88 @@ from esam_timm.msam import find_msam
 from esam_timm.optim import ESAM, find_sam
 from esam_timm.registry import is_msam, is_sam_family, optimizer_kind
 
-__all__ = ['Runtime', 'setup_runtime', 'resolve_lr', 'build_model', 'build_optimizer', 'build_scheduler',
-           'wrap_model', 'describe_optimizer', 'run_location']
+__all__ = ['Launch', 'Runtime', 'pick_device', 'apply_speed_defaults', 'resolve_pin_memory', 'setup_runtime',
+           'resolve_lr', 'build_model', 'build_optimizer', 'build_scheduler', 'wrap_model', 'describe_optimizer',
+           'describe_lr', 'describe_placements', 'describe_precision', 'describe_data', 'run_location']
 
 _logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """What torchrun (or SLURM through it) says about this process: its rank among all processes, its
+    rank and the process count on this node, and the process count in all."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> 'Launch':
+        """Read ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` (one process without them)."""
+        world_size = int(os.environ.get('WORLD_SIZE', '1'))
+        return cls(rank=int(os.environ.get('RANK', '0')), local_rank=int(os.environ.get('LOCAL_RANK', '0')),
+                   world_size=world_size, local_world_size=int(os.environ.get('LOCAL_WORLD_SIZE', str(world_size))))
+
+
+def pick_device(requested: str, launch: Launch, *, cuda_available: bool, cuda_count: int) -> Tuple[torch.device,
+                                                                                                   Optional[str]]:
+    """The device this process trains on, and a note for the log when it is not the one ``requested`` named.
+
+    ``--device ''`` means cuda when available, else cpu. With one process a CUDA device keeps its index
+    (``cuda`` is ``cuda:0``). With several, every process takes its own GPU, ``cuda:LOCAL_RANK``, as timm
+    does, whatever index ``--device`` names (``cuda:0`` under torchrun would put every rank on GPU 0,
+    where NCCL fails); when a scheduler shows each process only its own GPU (``CUDA_VISIBLE_DEVICES``
+    per task, one visible device) that one is ``cuda:0``. Raises ValueError when the node has fewer
+    visible GPUs than processes.
+    """
+    device = torch.device(requested or ('cuda' if cuda_available else 'cpu'))
+    if device.type != 'cuda':
+        return device, None
+    if launch.world_size == 1:
+        return torch.device('cuda', device.index or 0), None
+    if cuda_count >= launch.local_world_size:
+        index = launch.local_rank
+    elif cuda_count == 1:
+        index = 0
+    else:
+        raise ValueError(f'{launch.local_world_size} processes on this node, but it shows {cuda_count} CUDA '
+                         f'device(s): start at most {cuda_count} processes per node (torchrun --nproc_per_node '
+                         f'{cuda_count}), or give each process its own GPU')
+    note = None
+    if device.index is not None and device.index != index:
+        note = (f'--device {requested} names one GPU, but {launch.world_size} processes train: each process uses '
+                f'its own GPU, cuda:LOCAL_RANK (as timm does)')
+    return torch.device('cuda', index), note
+
+
+def apply_speed_defaults(device: torch.device, *, tf32: bool, cudnn_benchmark: bool) -> None:
+    """timm's train.py defaults on CUDA: cuDNN picks the fastest convolution algorithms for each shape
+    (``cudnn.benchmark``; ESAM's shapes are fixed per step) and fp32 matmuls and convolutions may run in
+    TF32. ``--no-tf32`` / ``--no-cudnn-benchmark`` turn them off. Nothing changes on other devices."""
+    if device.type != 'cuda':
+        return
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def resolve_pin_memory(pin_mem: Optional[bool], device: torch.device) -> bool:
+    """``--pin-mem``/``--no-pin-mem`` as given; by default pinned host memory when training on CUDA (faster,
+    asynchronous host-to-device copies)."""
+    return device.type == 'cuda' if pin_mem is None else pin_mem
+
+
 @dataclass
 class Runtime:
-    """Where this process runs: device, rank and world size, AMP dtype."""
+    """Where this process runs: device, rank and world size, AMP dtype, and where every process runs
+    (``placements``: ``host device`` per rank, gathered once at start)."""
     device: torch.device
     rank: int
     world_size: int
     amp_dtype: Optional[torch.dtype]
+    launch: Launch = Launch()
+    placements: Tuple[str, ...] = ()
 
     @property
     def distributed(self) -> bool:
@@ -42,26 +112,61 @@ class Runtime:
 
 
 def setup_runtime(args: argparse.Namespace) -> Runtime:
-    """Pick the device and join torchrun's process group (NCCL on GPUs, gloo on CPUs)."""
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    device = torch.device(args.device) if args.device else torch.device(
-        'cuda' if torch.cuda.is_available() else 'cpu')
-    if device.type == 'cuda' and device.index is None:
-        device = torch.device('cuda', local_rank if world_size > 1 else 0)
+    """Pick this process's device (:func:`pick_device`), apply timm's CUDA speed defaults and join torchrun's
+    process group (NCCL on GPUs, gloo on CPUs)."""
+    launch = Launch.from_env()
+    device, note = pick_device(args.device, launch, cuda_available=torch.cuda.is_available(),
+                               cuda_count=torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if note and launch.rank == 0:
+        _logger.warning('%s', note)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
+    apply_speed_defaults(device, tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
     rank = 0
-    if world_size > 1:
+    if launch.world_size > 1:
         if not dist.is_initialized():
-            dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+            timeout = {} if args.dist_timeout is None else dict(timeout=timedelta(minutes=args.dist_timeout))
+            dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo', **timeout)
         rank = dist.get_rank()
-        _logger.info('Process %d of %d on %s (%s)', rank, world_size, device, dist.get_backend())
-    if args.sync_bn and world_size > 1 and device.type != 'cuda':
+        _logger.info('Process %d of %d on %s (%s)', rank, launch.world_size, device, dist.get_backend())
+    if args.sync_bn and launch.world_size > 1 and device.type != 'cuda':
         raise ValueError('--sync-bn needs CUDA devices (torch SyncBatchNorm has no CPU kernel); '
                          'drop --sync-bn on the CPU')
     amp_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.amp_dtype] if args.amp else None
-    return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=amp_dtype)
+    placements = [f'{socket.gethostname()} {device}']
+    if launch.world_size > 1:
+        gathered: List[Any] = [None] * launch.world_size
+        dist.all_gather_object(gathered, placements[0])
+        placements = gathered
+    return Runtime(device=device, rank=rank, world_size=launch.world_size, amp_dtype=amp_dtype, launch=launch,
+                   placements=tuple(placements))
+
+
+def describe_placements(placements: Sequence[str]) -> str:
+    """``2 nodes: a cuda:0-7, b cuda:0-7``: each host with its processes' devices in rank order (runs of
+    consecutive CUDA indices joined)."""
+    hosts: Dict[str, List[str]] = {}
+    for placement in placements:
+        host, _, device = placement.partition(' ')
+        hosts.setdefault(host, []).append(device)
+    parts = []
+    for host, devices in hosts.items():
+        indices = [int(d.split(':')[1]) for d in devices if d.startswith('cuda:')]
+        if len(indices) == len(devices) and len(devices) > 1 and indices == list(range(indices[0],
+                                                                                       indices[0] + len(indices))):
+            parts.append(f'{host} cuda:{indices[0]}-{indices[-1]}')
+        else:
+            parts.append(f'{host} {", ".join(devices)}')
+    return f'{len(hosts)} node{"s" if len(hosts) > 1 else ""}: {"; ".join(parts)}'
+
+
+def describe_lr(args: argparse.Namespace, world_size: int, lr: float) -> str:
+    """How the run's lr came about: ``--lr`` as given, or ``--lr-base`` scaled to the global batch."""
+    if args.lr is not None:
+        return f'lr {lr:.4g} (--lr, used as given)'
+    global_batch = args.batch_size * world_size * args.grad_accum_steps
+    return (f'lr {lr:.4g} (--lr-base {args.lr_base:g} for {args.lr_base_size}, scaled {_lr_base_scale(args)} to '
+            f'the global batch of {global_batch})')
 
 
 def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
@@ -69,13 +174,14 @@ def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
     for ada*/lamb optimizers, unless ``--lr-base-scale`` says otherwise)."""
     if args.lr is not None:
         return args.lr
-    global_batch = args.batch_size * world_size * args.grad_accum_steps
-    ratio = global_batch / args.lr_base_size
+    ratio = args.batch_size * world_size * args.grad_accum_steps / args.lr_base_size
+    return args.lr_base * (math.sqrt(ratio) if _lr_base_scale(args) == 'sqrt' else ratio)
+
+
+def _lr_base_scale(args: argparse.Namespace) -> str:
+    """``--lr-base-scale``, or timm's choice for the (base) optimizer: sqrt for ada*/lamb, else linear."""
     opt = (args.base_opt if is_sam_family(args.opt) or is_msam(args.opt) else args.opt).lower()
-    scale = args.lr_base_scale or ('sqrt' if ('ada' in opt or 'lamb' in opt) else 'linear')
-    if scale == 'sqrt':
-        ratio = math.sqrt(ratio)
-    return args.lr_base * ratio
+    return args.lr_base_scale or ('sqrt' if ('ada' in opt or 'lamb' in opt) else 'linear')
 
 
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device, *, distributed: bool,
@@ -211,6 +317,23 @@ def wrap_model(args: argparse.Namespace, model: nn.Module, sam: Optional[ESAM], 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
                                         **{sync_name: not args.no_ddp_bb})
     return model, (model.module if isinstance(model, DistributedDataParallel) else model)
+
+
+def describe_precision(args: argparse.Namespace, amp_dtype: Optional[torch.dtype], device: torch.device) -> str:
+    """``bf16 autocast, TF32 on, cudnn.benchmark on; channels-last; eager (no torch.compile)``."""
+    text = {torch.bfloat16: 'bf16 autocast', torch.float16: 'fp16 autocast + GradScaler'}.get(amp_dtype, 'fp32')
+    if device.type == 'cuda':
+        text += f', TF32 {"on" if args.tf32 else "off"}, cudnn.benchmark {"on" if args.cudnn_benchmark else "off"}'
+    layout = 'channels-last' if args.channels_last else 'contiguous (NCHW)'
+    compiled = (f'torch.compile {args.torchcompile} (mode {args.torchcompile_mode or "default"})'
+                if args.torchcompile else 'eager (no torch.compile)')
+    return f'{text}; {layout}; {compiled}'
+
+
+def describe_data(args: argparse.Namespace, data_dir: str, device: torch.device) -> str:
+    """``'wds/' from DIR, decode fast, 8 workers per process, pinned host memory``."""
+    pinned = ', pinned host memory' if resolve_pin_memory(args.pin_mem, device) else ''
+    return f'{args.dataset!r} from {data_dir}, decode {args.decode}, {args.workers} workers per process{pinned}'
 
 
 def run_location(args: argparse.Namespace) -> Tuple[str, str]:

@@ -38,9 +38,9 @@ import yaml
 from esam_timm.fileio import atomic_copy, atomic_torch_save, remove_stale_tmp
 from esam_timm.weights import state_dict_mismatch
 
-__all__ = ['CHECKPOINT_VERSION', 'CheckpointManager', 'ResumePoint', 'RunFolder', 'RunFolderBusy', 'TrainingState',
-           'checkpoint_state', 'claim_run_folder', 'find_resume_checkpoint', 'resume_command', 'resume_from',
-           'LOCK_NAME', 'ARGS_NAME']
+__all__ = ['CHECKPOINT_VERSION', 'BatchLayout', 'CheckpointManager', 'ResumePoint', 'RunFolder', 'RunFolderBusy',
+           'TrainingState', 'checkpoint_state', 'claim_run_folder', 'find_resume_checkpoint', 'resume_command',
+           'resume_from', 'resume_position', 'LOCK_NAME', 'ARGS_NAME']
 
 _logger = logging.getLogger(__name__)
 
@@ -376,10 +376,11 @@ class ResumePoint:
 
 
 def checkpoint_state(state: TrainingState, args: Mapping[str, Any], *, epoch: int, batches_done: int,
-                     batches_per_epoch: int, num_updates: int, metric: Optional[float] = None,
+                     batches_per_epoch: int, num_updates: int, world_size: int, metric: Optional[float] = None,
                      epoch_meter: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Everything a resumed run needs to continue exactly from (epoch, batches_done); ``args`` are the
-    run's flags (``vars(args)``)."""
+    run's flags (``vars(args)``), ``world_size`` its number of processes (with ``-b`` and
+    ``--grad-accum-steps`` it gives the global batch a resume on another world size must keep)."""
     checkpoint: Dict[str, Any] = {
         'version': CHECKPOINT_VERSION,
         'arch': args['model'],
@@ -387,6 +388,8 @@ def checkpoint_state(state: TrainingState, args: Mapping[str, Any], *, epoch: in
         'batches_done': batches_done,
         'batches_per_epoch': batches_per_epoch,
         'num_updates': num_updates,
+        'world_size': world_size,
+        'global_batch': args['batch_size'] * world_size * args['grad_accum_steps'],
         'state_dict': state.model.state_dict(),
         'optimizer': state.optimizer.state_dict(),
         'args': {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()},
@@ -422,20 +425,111 @@ def _read_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
-def resume_from(path: str, state: TrainingState, *, model_name: str, num_classes: int, batches_per_epoch: int,
-                grad_accum_steps: int, restore_optimizer: bool = True) -> ResumePoint:
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a run splits its global batch: ``-b`` per process x processes x ``--grad-accum-steps``, and the
+    loader batches each process reads per epoch."""
+    batch_size: int
+    world_size: int
+    grad_accum_steps: int
+    batches_per_epoch: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size * self.grad_accum_steps
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return math.ceil(self.batches_per_epoch / self.grad_accum_steps)
+
+    def describe(self) -> str:
+        return (f'a global batch of {self.global_batch} ({self.batch_size} per process x {self.world_size} '
+                f'processes x {self.grad_accum_steps} accumulated), {self.updates_per_epoch} updates per epoch')
+
+
+def _saved_layout(checkpoint: Mapping[str, Any]) -> Optional[BatchLayout]:
+    """The layout of the run that wrote ``checkpoint`` (None for checkpoints older than the key)."""
+    args = checkpoint.get('args', {})
+    if 'world_size' not in checkpoint:
+        return None
+    return BatchLayout(batch_size=int(args['batch_size']), world_size=int(checkpoint['world_size']),
+                       grad_accum_steps=int(args.get('grad_accum_steps', 1)),
+                       batches_per_epoch=int(checkpoint['batches_per_epoch']))
+
+
+def _accumulation_for(saved: BatchLayout, layout: BatchLayout) -> Optional[int]:
+    """The --grad-accum-steps that gives this run the saved global batch, or None when none does."""
+    per_step = layout.batch_size * layout.world_size
+    return saved.global_batch // per_step if saved.global_batch % per_step == 0 else None
+
+
+def resume_position(path: str, checkpoint: Mapping[str, Any], layout: BatchLayout) -> Tuple[int, int]:
+    """(epoch, batch) where this run (``layout``) continues a checkpoint written at ``batches_done`` of an
+    epoch, also on another number of processes.
+
+    An epoch-boundary checkpoint continues at the next epoch whatever the layout (a changed global batch
+    changes the schedule: a warning says so). A mid-epoch one continues after the same number of updates,
+    hence samples, of its epoch when the global batch and the updates per epoch are the same (8 processes
+    resumed on 4 with ``--grad-accum-steps 2``): batch ``updates_done x --grad-accum-steps``. With another
+    global batch it is refused (ValueError) with the flags that would keep it, or the epoch's start to go
+    back to. Checkpoints that do not record their world size resume at the same batch count, as before.
+    """
+    epoch, done = int(checkpoint['epoch']), int(checkpoint['batches_done'])
+    saved = _saved_layout(checkpoint)
+    saved_bpe = int(checkpoint.get('batches_per_epoch') or layout.batches_per_epoch)
+    if done >= saved_bpe:
+        if saved is not None and saved.global_batch != layout.global_batch:
+            _logger.warning('Checkpoint was written with %s; this run has %s: the schedule of an uninterrupted run '
+                            'is not kept', saved.describe(), layout.describe())
+        return epoch + 1, 0
+    if saved is None:  # an older checkpoint: its position counts this run's batches
+        if saved_bpe != layout.batches_per_epoch:
+            _logger.warning('Checkpoint had %d batches per epoch, this run has %d (batch size or world size changed): '
+                            'the resumed run will not match an uninterrupted one', saved_bpe, layout.batches_per_epoch)
+        if done % layout.grad_accum_steps:
+            raise ValueError(
+                f'--resume {path!r} stopped after batch {done} of epoch {epoch}, inside an update of '
+                f'--grad-accum-steps {layout.grad_accum_steps} (updates start at multiples of '
+                f'{layout.grad_accum_steps}); resume with a --grad-accum-steps that divides {done}')
+        return epoch, done
+    updates_done = done // saved.grad_accum_steps
+    if saved.global_batch != layout.global_batch or saved.updates_per_epoch != layout.updates_per_epoch:
+        accum = _accumulation_for(saved, layout)
+        keep = (f'--grad-accum-steps {accum} keeps it with -b {layout.batch_size} on {layout.world_size} '
+                f'process(es)' if accum else f'choose -b and --grad-accum-steps so that -b x processes x '
+                f'--grad-accum-steps = {saved.global_batch}')
+        raise ValueError(
+            f'--resume {path!r} stopped in the middle of epoch {epoch} (after {updates_done} of its '
+            f'{saved.updates_per_epoch} updates) of a run with {saved.describe()}; this run has '
+            f'{layout.describe()}. A mid-epoch checkpoint continues only with the same global batch: {keep}; '
+            f'or resume from the last epoch-boundary checkpoint (last.pth.tar) with the new settings')
+    if (saved.world_size, saved.batch_size, saved.grad_accum_steps) != (
+            layout.world_size, layout.batch_size, layout.grad_accum_steps):
+        _logger.warning('Resuming a run of %d process(es) x -b %d x %d accumulated on %d x %d x %d: the same global '
+                        'batch, so epoch %d continues after its %d of %d updates with the same schedule; the '
+                        'order of its remaining samples differs from an uninterrupted run (processes read their '
+                        'own share of the shards)', saved.world_size, saved.batch_size, saved.grad_accum_steps,
+                        layout.world_size, layout.batch_size, layout.grad_accum_steps, epoch, updates_done,
+                        saved.updates_per_epoch)
+    return epoch, updates_done * layout.grad_accum_steps
+
+
+def resume_from(path: str, state: TrainingState, *, model_name: str, num_classes: int, layout: BatchLayout,
+                restore_optimizer: bool = True) -> ResumePoint:
     """Load a checkpoint of this trainer into ``state`` and return where the run continues.
 
     Refuses (ValueError) a file that is not such a checkpoint, one of a newer format, one whose weights
-    do not fit the model (naming the keys and shapes that differ) and a position inside an update of
-    ``grad_accum_steps``; warns when batch or world size changed (the run then cannot replay exactly).
-    ``restore_optimizer=False`` (``--no-resume-opt``) keeps the fresh optimizer, scaler and scheduler.
+    do not fit the model (naming the keys and shapes that differ) and a mid-epoch position this run's
+    batch ``layout`` cannot continue (:func:`resume_position`, which also resumes on another number of
+    processes). ``restore_optimizer=False`` (``--no-resume-opt``) keeps the fresh optimizer, scaler and
+    scheduler.
     """
     checkpoint = _read_checkpoint(path)
     mismatch = state_dict_mismatch(state.model.state_dict(), checkpoint['state_dict'])
     if mismatch:
         raise ValueError(f'--resume {path!r} does not fit --model {model_name} with {num_classes} classes: '
                          f'{mismatch}; it was written for --model {checkpoint.get("arch")!r}')
+    epoch, batch = resume_position(path, checkpoint, layout)
     state.model.load_state_dict(checkpoint['state_dict'])
     if state.model_ema is not None:
         state.model_ema.module.load_state_dict(checkpoint.get('state_dict_ema', checkpoint['state_dict']))
@@ -445,25 +539,6 @@ def resume_from(path: str, state: TrainingState, *, model_name: str, num_classes
             state.scaler.load_state_dict(checkpoint['scaler'])
         if 'scheduler' in checkpoint and state.scheduler is not None and hasattr(state.scheduler, 'lr_scheduler'):
             state.scheduler.lr_scheduler.load_state_dict(checkpoint['scheduler'])
-    num_updates = int(checkpoint['num_updates'])
-    epoch, done = int(checkpoint['epoch']), int(checkpoint['batches_done'])
-    if checkpoint.get('batches_per_epoch') not in (None, batches_per_epoch):
-        _logger.warning('Checkpoint had %s batches per epoch, this run has %d (batch size or world size '
-                        'changed): the resumed run will not match an uninterrupted one',
-                        checkpoint['batches_per_epoch'], batches_per_epoch)
-    accum, saved_accum = grad_accum_steps, checkpoint.get('args', {}).get('grad_accum_steps', 1)
     history = [(float(m), int(e)) for m, e in checkpoint.get('checkpoint_history', [])]
-    if done >= batches_per_epoch:
-        point = ResumePoint(epoch + 1, 0, num_updates, None, history)
-    elif done % accum:
-        raise ValueError(
-            f'--resume {path!r} stopped after batch {done} of epoch {epoch}, inside an update of '
-            f'--grad-accum-steps {accum} (updates start at multiples of {accum}); resume with the '
-            f'--grad-accum-steps it was written with ({saved_accum}) or another value that divides {done}')
-    else:
-        point = ResumePoint(epoch, done, num_updates, checkpoint.get('epoch_meter'), history)
-    if saved_accum != accum:
-        _logger.warning('Checkpoint was written with --grad-accum-steps %s, this run uses %d: the global '
-                        'batch changed, so the resumed run will not match an uninterrupted one',
-                        saved_accum, accum)
-    return point
+    meter = checkpoint.get('epoch_meter') if batch else None
+    return ResumePoint(epoch, batch, int(checkpoint['num_updates']), meter, history)

@@ -1,5 +1,6 @@
 """What the trainer measures between epochs: validation loss and accuracy over all ranks, BatchNorm
 statistics made equal across ranks (``--dist-bn``), and the model's flatness (``--sharpness-interval``)."""
+import itertools
 import logging
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -55,15 +56,21 @@ def distribute_bn(mode: str, world_size: int, models: Iterable[nn.Module]) -> No
 
 class FlatnessProbe:
     """``--sharpness-interval``: the top Hessian eigenvalue and m-sharpness of the model every ``interval``
-    epochs and after the last, on the first ``num_batches`` batches of ``loader`` (the same ones every time:
-    taken once), in fp32. Run it on one rank."""
+    epochs and after the last, on ``num_batches`` validation batches (the same ones every time: taken
+    once), in fp32.
+
+    Every rank measures (a collective): the batches are dealt over the ranks (rank r takes the first
+    ``len(range(r, num_batches, world_size))`` batches of its own validation share) and the ranks add up
+    their parts of each product, so the work is shared and no rank waits in a collective while another
+    measures alone (NCCL ends such a wait after its timeout, 10 minutes by default)."""
 
     def __init__(self, loader: Loader, *, interval: int, num_batches: int, rho: float, iters: int,
-                 seed: int, progress: bool) -> None:
+                 seed: int, progress: bool, rank: int = 0, world_size: int = 1) -> None:
         self.loader = loader
         self.interval = interval
         self.num_batches = num_batches
         self.rho, self.iters, self.seed, self.progress = rho, iters, seed, progress
+        self.rank, self.world_size = rank, world_size
         self._batches: Optional[List[Batch]] = None
 
     def due(self, epoch: int, num_epochs: int) -> bool:
@@ -73,13 +80,16 @@ class FlatnessProbe:
         """The measurements as ``sharpness_*`` metrics (the keys of summary.csv and W&B), logged in one line."""
         from esam_timm.sharpness import measure_sharpness
         if self._batches is None:
-            batches = iter(self.loader)
-            self._batches = [next(batches) for _ in range(min(self.num_batches, len(self.loader)))]
+            share = len(range(self.rank, self.num_batches, self.world_size))
+            self._batches = list(itertools.islice(iter(self.loader), share))
         t0 = time.perf_counter()
         report = measure_sharpness(model, self._batches, F.cross_entropy, rho=self.rho, eig_iters=self.iters,
-                                   seed=self.seed, progress=self.progress)
+                                   seed=self.seed, progress=self.progress and self.rank == 0,
+                                   distributed=self.world_size > 1)
+        if self.rank:
+            return {f'sharpness_{k}': v for k, v in report.to_dict().items()}
         _logger.info('Flatness after epoch %d: top Hessian eigenvalue %.4g (%s after %d iterations), m-sharpness %.4g '
-                     '(rho %g) on %d validation batches, in %.1fs', epoch, report.top_eigenvalue,
+                     '(rho %g) on %d validation images, in %.1fs', epoch, report.top_eigenvalue,
                      'converged' if report.eig_converged else 'not converged', report.eig_iterations,
-                     report.m_sharpness, self.rho, len(self._batches), time.perf_counter() - t0)
+                     report.m_sharpness, self.rho, report.num_samples, time.perf_counter() - t0)
         return {f'sharpness_{k}': v for k, v in report.to_dict().items()}

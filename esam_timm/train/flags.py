@@ -98,7 +98,7 @@ class Flag:
     type: Optional[Callable[[str], Any]] = None
     nargs: Union[int, str, None] = None
     const: Any = None
-    action: Optional[str] = None
+    action: Any = None  # an argparse action name or class
     metavar: Optional[str] = None
     help: Optional[str] = None
     checks: Tuple[Check, ...] = ()
@@ -294,11 +294,11 @@ FLAGS: Tuple[Flag, ...] = (
     Flag(('--std',), _M, type=float, nargs='+', metavar='STD', checks=(_one_or_three, _all_positive)),
     Flag(('--interpolation',), _M, default='', type=str, metavar='NAME', checks=(OneOf(_INTERPOLATIONS),),
          help='resize interpolation (default: the model\'s)'),
-    Flag(('-b', '--batch-size'), _M, default=128, type=int, metavar='N', checks=(_POSITIVE,),
+    Flag(('-b', '--batch-size'), _M, default=128, type=int, metavar='N', checks=(_POSITIVE,), resume_free=True,
          help='batch size per process'),
     Flag(('-vb', '--validation-batch-size'), _M, type=int, metavar='N', checks=(_POSITIVE,)),
     Flag(('--channels-last',), _M, default=False, action='store_true'),
-    Flag(('--grad-accum-steps',), _M, default=1, type=int, metavar='N', checks=(_POSITIVE,),
+    Flag(('--grad-accum-steps',), _M, default=1, type=int, metavar='N', checks=(_POSITIVE,), resume_free=True,
          help='micro-batches of --batch-size per update; each does its own ESAM ascent and selection, as a DDP '
               'rank does (global batch = b x processes x N)'),
     Flag(('--grad-checkpointing',), _M, default=False, action='store_true',
@@ -435,9 +435,10 @@ FLAGS: Tuple[Flag, ...] = (
     # ----------------------------------------------------------------------------------- Flatness
     Flag(('--sharpness-interval',), _S, default=0, type=int, metavar='N', checks=(_NON_NEGATIVE,), resume_free=True,
          help='every N epochs (and after the last) measure the top Hessian eigenvalue and m-sharpness on fixed '
-              'validation batches, on rank 0 (0 = off)'),
+              'validation batches, shared by all processes (0 = off)'),
     Flag(('--sharpness-batches',), _S, default=2, type=int, metavar='N', checks=(_POSITIVE,), resume_free=True,
-         help='validation batches the flatness measurements use (the same ones every time)'),
+         help='validation batches the flatness measurements use, in all (the same ones every time; dealt over '
+              'the processes, which share the work)'),
     Flag(('--sharpness-rho',), _S, default=0.05, type=float, metavar='RHO', checks=(_POSITIVE,), resume_free=True,
          help='ascent radius of the m-sharpness measurement (m = the validation batch)'),
     Flag(('--sharpness-iters',), _S, default=20, type=int, metavar='N', checks=(_POSITIVE,), resume_free=True,
@@ -457,13 +458,25 @@ FLAGS: Tuple[Flag, ...] = (
          help='number of best checkpoints to keep'),
     Flag(('-j', '--workers'), _X, default=4, type=int, metavar='N', checks=(_NON_NEGATIVE,), resume_free=True,
          help='data loader workers'),
-    Flag(('--pin-mem',), _X, default=False, action='store_true', resume_free=True),
+    Flag(('--pin-mem',), _X, action=argparse.BooleanOptionalAction, resume_free=True,
+         help='pinned host memory for the loaders\' batches (default: on when training on CUDA, as the device '
+              'copies then overlap the step)'),
     Flag(('--amp',), _X, default=False, action='store_true', help='mixed precision (autocast)'),
     Flag(('--amp-dtype',), _X, default='float16', type=str, checks=(OneOf(('bfloat16', 'float16')),),
          help="'bfloat16' or 'float16'"),
     Flag(('--no-ddp-bb',), _X, default=False, action='store_true', help='DDP without broadcast_buffers'),
+    Flag(('--tf32',), _X, default=True, action=argparse.BooleanOptionalAction, resume_free=True,
+         help='on CUDA, let fp32 matmuls and convolutions use TF32 (timm\'s train.py default); --no-tf32 keeps '
+              'full fp32'),
+    Flag(('--cudnn-benchmark',), _X, default=True, action=argparse.BooleanOptionalAction, resume_free=True,
+         help='on CUDA, let cuDNN time its convolution algorithms per shape and keep the fastest (timm\'s '
+              'train.py default); --no-cudnn-benchmark for repeatable kernel choices'),
+    Flag(('--dist-timeout',), _X, type=float, metavar='MIN', checks=(_POSITIVE,), resume_free=True,
+         help='minutes a collective may wait for the slowest process before the run fails (default: torch\'s, '
+              '10 for NCCL, 30 for gloo); raise it when a first torch.compile (max-autotune) takes longer'),
     Flag(('--device',), _X, default='', type=str, resume_free=True,
-         help="cpu, cuda or cuda:N; default: cuda if available, else cpu"),
+         help="cpu, cuda or cuda:N; default: cuda if available, else cpu. Under torchrun every process uses its "
+              "own GPU, cuda:LOCAL_RANK, whatever index is given"),
     Flag(('--output',), _X, default='', type=str, metavar='PATH', resume_free=True,
          help='output root (default ./output/train)'),
     Flag(('--experiment',), _X, default='', type=str, metavar='NAME', resume_free=True,
@@ -480,7 +493,8 @@ FLAGS: Tuple[Flag, ...] = (
 )
 
 # Flags a resumed run may set differently from the run it continues (where it runs, what it logs, how
-# long it goes on): --resume auto compares every other flag with the candidate run's args.yaml.
+# long it goes on, how the global batch is split over processes and accumulation: the checkpoint checks the
+# global batch itself): --resume auto compares every other flag with the candidate run's args.yaml.
 RESUME_FREE_FLAGS: Tuple[str, ...] = tuple(f.dest for f in FLAGS if f.resume_free)
 
 _BY_DEST = {f.dest: f for f in FLAGS}

@@ -15,6 +15,8 @@ import torch
 from esam_timm.data.backends import (Augmentation, DataBackend, ImageConfig, Loader, LoaderConfig, Split,
                                      open_data, warn_if_samples_repeat)
 
+from .builders import resolve_pin_memory
+
 __all__ = ['RunData', 'Loaders', 'resolve_data', 'build_loaders', 'build_mixup']
 
 _logger = logging.getLogger(__name__)
@@ -91,7 +93,8 @@ def build_loaders(args: argparse.Namespace, data: RunData, data_config: Dict[str
     """
     mixup_fn = build_mixup(args, data.num_classes)
     common: Dict[str, Any] = dict(image=ImageConfig.from_timm(data_config), device=device, rank=rank,
-                                  world_size=world_size, workers=args.workers, pin_memory=args.pin_mem,
+                                  world_size=world_size, workers=args.workers,
+                                  pin_memory=resolve_pin_memory(args.pin_mem, device),
                                   channels_last=args.channels_last, num_classes=data.num_classes)
     augment = Augmentation(
         no_aug=args.no_aug, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,

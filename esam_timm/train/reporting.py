@@ -97,23 +97,27 @@ class StepMeter:
         out['samples_per_sec'] = self.samples * world_size / elapsed
         out['data_time'] = self.data_time / steps
         out['step_time'] = elapsed / steps
+        out['data_wait_share'] = min(1.0, self.data_time / elapsed)  # a starving loader shows here
         return out
 
-    def state_dict(self) -> Dict[str, Any]:
-        """The span so far, for a recovery checkpoint (sums as CPU tensors, bitwise)."""
+    def state_dict(self, world_size: int = 1) -> Dict[str, Any]:
+        """The span so far, for a recovery checkpoint (sums as CPU tensors, bitwise); ``global_samples``
+        counts every process's samples, so a run resumed on another number of processes goes on counting."""
         return {'sums': {k: v.detach().cpu() for k, v in self._sums.items()}, 'counts': dict(self._counts),
                 'host_counts': dict(self._host_counts), 'selected': self.selected, 'samples': self.samples,
-                'steps': self.steps,
+                'global_samples': self.samples * world_size, 'steps': self.steps,
                 'data_time': self.data_time,
                 'elapsed': self.elapsed_before + time.perf_counter() - self.start}
 
-    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
-        """Continue a span saved by :meth:`state_dict` (e.g. the epoch a run resumes in)."""
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device, world_size: int = 1) -> None:
+        """Continue a span saved by :meth:`state_dict` (e.g. the epoch a run resumes in) on ``world_size``
+        processes."""
         self.reset()
         self._sums = {k: v.to(device) for k, v in state['sums'].items()}
         self._counts = dict(state['counts'])
         self._host_counts = dict(state.get('host_counts', {}))
-        self.selected, self.samples, self.steps = state['selected'], state['samples'], state['steps']
+        self.selected, self.steps = state['selected'], state['steps']
+        self.samples = state['global_samples'] / world_size if 'global_samples' in state else state['samples']
         self.data_time, self.elapsed_before = state['data_time'], state['elapsed']
 
 
@@ -127,7 +131,8 @@ def format_train_line(epoch: int, batch: int, num_batches: int, interval: Mappin
                       running: Mapping[str, float], lr: float) -> str:
     """One console line in timm's style: each value over the last interval (the epoch's running average).
 
-    Position, loss, global samples/s, lr, data time and, for SAM/ESAM, sharpness, the selected share
+    Position, loss, global samples/s, lr, data time (and the share of the step spent waiting for data:
+    near 0 when the loader keeps up) and, for SAM/ESAM, sharpness, the selected share
     and the epoch's skipped ascents so far (summed over ranks); for msam, the perturbation norm; with the
     non-finite guard, the epoch's skipped updates so far.
     """
@@ -142,7 +147,8 @@ def format_train_line(epoch: int, batch: int, num_batches: int, interval: Mappin
         f'Loss: {pair("loss", ".4f")}',
         f'{interval["samples_per_sec"]:.1f}/s ({running["samples_per_sec"]:.1f}/s)',
         f'LR: {lr:.3e}',
-        f'Data: {pair("data_time", ".1f", 1000.0)} ms',
+        f'Data: {pair("data_time", ".1f", 1000.0)} ms' + (
+            f', wait {interval["data_wait_share"]:.0%}' if 'data_wait_share' in interval else ''),
     ]
     if 'sharpness' in running or 'skipped_ascents' in running:
         parts += [

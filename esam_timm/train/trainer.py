@@ -41,10 +41,10 @@ from esam_timm.data.backends import check_epoch_data
 from esam_timm.fileio import atomic_write_text
 from esam_timm.wandb_logger import WandbLogger
 
-from .builders import (build_model, build_optimizer, build_scheduler, describe_optimizer, resolve_lr, run_location,
-                       setup_runtime, wrap_model)
-from .checkpoint import (ARGS_NAME, CheckpointManager, RunFolder, RunFolderBusy, TrainingState, checkpoint_state,
-                         claim_run_folder, find_resume_checkpoint, resume_command, resume_from)
+from .builders import (build_model, build_optimizer, build_scheduler, describe_data, describe_lr, describe_optimizer,
+                       describe_placements, describe_precision, resolve_lr, run_location, setup_runtime, wrap_model)
+from .checkpoint import (ARGS_NAME, BatchLayout, CheckpointManager, RunFolder, RunFolderBusy, TrainingState,
+                         checkpoint_state, claim_run_folder, find_resume_checkpoint, resume_command, resume_from)
 from .config import RESUME_AUTO, RESUME_FREE_FLAGS, args_to_yaml
 from .demo import demo_summary
 from .divergence import NonFiniteWatch, refuse_nonfinite
@@ -128,6 +128,7 @@ class Trainer:
     def _setup(self) -> None:
         args = self.args
         runtime = setup_runtime(args)
+        self.runtime = runtime
         self.device, self.rank, self.world_size = runtime.device, runtime.rank, runtime.world_size
         self.distributed, self.amp_dtype = runtime.distributed, runtime.amp_dtype
         self.stop = GracefulStop(dist.new_group(backend='gloo') if self.distributed else None)
@@ -146,7 +147,8 @@ class Trainer:
                              f'batches, but --val-split is empty: give a validation split or drop the flag')
         self.flatness = FlatnessProbe(self.val_loader, interval=args.sharpness_interval,
                                       num_batches=args.sharpness_batches, rho=args.sharpness_rho,
-                                      iters=args.sharpness_iters, seed=args.seed, progress=not args.no_progress)
+                                      iters=args.sharpness_iters, seed=args.seed, progress=not args.no_progress,
+                                      rank=self.rank, world_size=self.world_size)
         self.batches_per_epoch = loaders.batches_per_epoch
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum_steps)
         self.lr = resolve_lr(args, self.world_size)
@@ -179,12 +181,19 @@ class Trainer:
             dist.barrier()
 
     def _log_setup(self) -> None:
+        """The block a run at scale is checked by: processes and devices, batches and lr, precision and
+        compile, data path, epochs and output."""
         args = self.args
-        _logger.info('Optimizer %s, lr %.4g for a global batch of %d (%d per process x %d processes x %d '
-                     'accumulated)', describe_optimizer(self.optimizer), self.lr,
+        backend = f' ({dist.get_backend()})' if self.distributed else ''
+        _logger.info('Run: %d process%s%s on %s', self.world_size, 'es' if self.distributed else '', backend,
+                     describe_placements(self.runtime.placements))
+        _logger.info('  Optimizer %s, %s; global batch of %d (%d per process x %d processes x %d accumulated)',
+                     describe_optimizer(self.optimizer), describe_lr(args, self.world_size, self.lr),
                      args.batch_size * self.world_size * args.grad_accum_steps, args.batch_size, self.world_size,
                      args.grad_accum_steps)
-        _logger.info('%d epochs of %d batches (%d updates); output in %s', self.num_epochs,
+        _logger.info('  Precision %s', describe_precision(args, self.amp_dtype, self.device))
+        _logger.info('  Data %s', describe_data(args, self.data.data_dir, self.device))
+        _logger.info('  %d epochs of %d batches (%d updates); output in %s', self.num_epochs,
                      self.batches_per_epoch, self.updates_per_epoch, self.output_dir)
 
     def _resolve_resume(self) -> str:
@@ -239,14 +248,16 @@ class Trainer:
                    epoch_meter: Optional[StepMeter] = None) -> Dict[str, Any]:
         """Everything a resumed run needs to continue exactly from (epoch, batches_done)."""
         return checkpoint_state(self._training_state(), vars(self.args), epoch=epoch, batches_done=batches_done,
-                                batches_per_epoch=self.batches_per_epoch, num_updates=self.num_updates, metric=metric,
-                                epoch_meter=None if epoch_meter is None else epoch_meter.state_dict())
+                                batches_per_epoch=self.batches_per_epoch, num_updates=self.num_updates,
+                                world_size=self.world_size, metric=metric,
+                                epoch_meter=None if epoch_meter is None else epoch_meter.state_dict(self.world_size))
 
     def _resume(self, path: str) -> List[Tuple[float, int]]:
         """Load a checkpoint of this trainer and set the position; returns its best-checkpoint history."""
+        layout = BatchLayout(batch_size=self.args.batch_size, world_size=self.world_size,
+                             grad_accum_steps=self.args.grad_accum_steps, batches_per_epoch=self.batches_per_epoch)
         point = resume_from(path, self._training_state(), model_name=self.args.model, num_classes=self.num_classes,
-                            batches_per_epoch=self.batches_per_epoch, grad_accum_steps=self.args.grad_accum_steps,
-                            restore_optimizer=not self.args.no_resume_opt)
+                            layout=layout, restore_optimizer=not self.args.no_resume_opt)
         self.start_epoch, self.start_batch, self.num_updates = point.epoch, point.batch, point.num_updates
         self._resumed_meter = point.epoch_meter
         if self.is_primary:
@@ -356,7 +367,7 @@ class Trainer:
                 next(batches)
         interval, whole = StepMeter(), StepMeter()
         if start_batch and self._resumed_meter is not None:
-            whole.load_state_dict(self._resumed_meter, self.device)  # the summary row covers the whole epoch
+            whole.load_state_dict(self._resumed_meter, self.device, self.world_size)  # the row covers the epoch
         self._resumed_meter = None
         bar = ProgressBar(n - start_batch, f'epoch {epoch}', enabled=self.is_primary and not args.no_progress)
         amp = dict(amp_dtype=self.amp_dtype, scaler=self.scaler, clip_grad=args.clip_grad,
@@ -450,12 +461,10 @@ class Trainer:
         distribute_bn(args.dist_bn, self.world_size, models)
 
     def _measure_flatness(self, epoch: int) -> Dict[str, float]:
-        """``--sharpness-interval``: measured on rank 0 while the other ranks wait."""
+        """``--sharpness-interval``: every rank measures its share of the batches (:class:`FlatnessProbe`)."""
         if not self.flatness.due(epoch, self.num_epochs):
             return {}
-        metrics = self.flatness.measure(self.model, epoch) if self.is_primary else {}
-        self._barrier()
-        return metrics
+        return self.flatness.measure(self.model, epoch)
 
     def _data_check(self, loader: Any, what: str) -> Tuple[Dict[str, float], Optional[Exception]]:
         """The pass's bad-data metrics summed over ranks, and the ``BadDataError`` to stop with (after the
