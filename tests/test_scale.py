@@ -65,6 +65,42 @@ def test_a_sigterm_from_outside_does_not_kill_the_loader_workers(tmp_path):
     assert first[0].shape == (2, 3, 16, 16)
 
 
+def test_the_trainers_own_sigterm_still_ends_a_worker(tmp_path):
+    """multiprocessing ends the daemonic workers of a loader still alive at exit with SIGTERM from the
+    trainer: that one is obeyed."""
+    write_identity_shards(tmp_path, SIZES)
+    loader = create_train_loader(resolve_source(str(tmp_path), 'train', num_samples=40), batch_size=2,
+                                 img_size=16, num_workers=1, seed=3, shuffle_buffer=4, prefetch_factor=1)
+    batches = iter(loader)
+    next(batches)
+    (worker,) = multiprocessing.active_children()
+    time.sleep(0.2)
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.join(timeout=10)
+    assert worker.exitcode == 0
+    del batches
+
+
+_EXIT_WITH_LIVE_WORKERS = """
+import sys
+from esam_timm.data import create_val_loader, resolve_source
+loader = create_val_loader(resolve_source(sys.argv[1], 'train'), batch_size=2, img_size=16, num_workers=2,
+                           persistent_workers=True)
+next(iter(loader))
+loader.cycle = loader  # kept alive until the interpreter's last moments
+print('exiting', flush=True)
+"""
+
+
+def test_a_process_exits_with_persistent_loader_workers_alive(tmp_path):
+    """Persistent workers of a loader the program never closed are ended at exit (they used to ignore the
+    exiting trainer's SIGTERM, and the exit waited for them forever)."""
+    write_identity_shards(tmp_path, SIZES)
+    proc = subprocess.run([sys.executable, '-c', _EXIT_WITH_LIVE_WORKERS, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, env=ENV, cwd=REPO)
+    assert proc.returncode == 0 and 'exiting' in proc.stdout, proc.stderr[-2000:]
+
+
 # ------------------------------------------------------------------ helpers of the multi-process tests
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,25 +4,37 @@ A scheduler's stop reaches the workers too: SLURM signals every process of a job
 -PGID`` and a terminal's Ctrl-C a whole process group, and torchrun forwards the signal it gets to each
 rank's process group. PyTorch's worker loop installs a SIGTERM handler that lets a worker die of any
 SIGTERM not sent by its own trainer, and the trainer then fails with "DataLoader worker (pid N) is
-killed by signal: Terminated", losing the epoch's progress. With the signals ignored in the workers,
-the trainer alone decides: it finishes the update, writes its recovery checkpoint and shuts the workers
-down (they leave when the trainer tells them, or when it is gone).
+killed by signal: Terminated", losing the epoch's progress. Here a worker ignores SIGINT and every
+SIGTERM but its own trainer's: the trainer alone decides, finishes the update, writes its recovery
+checkpoint and shuts the workers down. Its SIGTERM still ends a worker at once, as in PyTorch: that is
+how ``multiprocessing`` ends the daemonic workers of loaders still alive when the trainer exits (a
+worker ignoring it would keep the exiting trainer waiting forever).
 """
+import os
 import signal
+import threading
 from typing import Any, Callable, Optional
 
 from torch.utils.data import DataLoader
 
 __all__ = ['ignore_stop_signals', 'leave_stop_signals_to_the_trainer']
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A DataLoader ``worker_init_fn``: the worker ignores SIGINT and SIGTERM (it runs after PyTorch's own
-    worker signal set-up, so it replaces PyTorch's SIGTERM handler)."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGINT, and SIGTERM unless its parent (the
+    trainer) sent it. Runs after PyTorch's own worker signal set-up and replaces its SIGTERM handler:
+    SIGTERM is blocked in the worker's threads and a thread of its own takes each one with
+    ``sigwaitinfo``, which tells the sender; the parent's ends the worker at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here inherit the mask
+    threading.Thread(target=_exit_on_the_parents_sigterm, args=(os.getppid(),), daemon=True,
+                     name='sigterm-from-trainer').start()
+
+
+def _exit_on_the_parents_sigterm(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)  # as PyTorch's worker handler does for its trainer's SIGTERM
 
 
 class _Chained:
