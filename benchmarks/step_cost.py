@@ -2,7 +2,8 @@
 
 Each arm gets its own model copy and optimizer; steps are interleaved (SGD, SAM, ESAM, SGD, ...) so
 machine noise hits all of them alike; each arm reports the median over rounds of its step time
-divided by the eager SGD step time of the same round (and the range of those ratios). With
+divided by the eager SGD step time of the same round (and the range of those ratios), next to the
+pass-count model of that ratio (:func:`pass_model`: a backward = two forwards). With
 ``--compile`` every chosen method runs twice, eager and ``torch.compile``-d (inductor), side by side;
 compilation happens in the untimed warm-up steps.
 Peak memory during a step, above what the model, optimizer state and batch hold: on CUDA torch's
@@ -14,6 +15,9 @@ time ratio is per micro-batch, and its extra memory over the plain arm is what a
     python benchmarks/step_cost.py                      # CPU: resnet18 (CIFAR stem), 32 px, batch 128
     python benchmarks/step_cost.py --compile --no-memory --methods sgd 'esam(0.5,0.5)' 'esam-fo(0.5,0.5)'
     python benchmarks/step_cost.py --device cuda        # ResNet-50, 224 px, bf16, channels-last, + compiled
+    # issue 21's shape on the CPU; --clock cpu --threads 1 when other work shares the machine
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/step_cost.py --model resnet50 --img-size 224 -b 16 --channels-last \
+        --num-classes 1000 --steps 4 --no-memory --methods sgd sam 'esam(0.6,0.5)' 'esam-fo(0.6,0.5)' msam
     python benchmarks/step_cost.py --model vit_small_patch16_224 --img-size 224 -b 32 --base-opt adamw  # a ViT
 """
 import argparse
@@ -39,6 +43,7 @@ METHODS: Dict[str, Dict] = {
     'esam(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5),
     'esam(0.6,0.5)': dict(opt='esam', rho=0.05, beta=0.6, gamma=0.5),
     'esam-fo(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='first-order'),
+    'esam-fo(0.6,0.5)': dict(opt='esam', rho=0.05, beta=0.6, gamma=0.5, sds='first-order'),
     'esam-loss(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='loss'),
     'esam-fo(0.5,0.4)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.4, sds='first-order'),
     'esam-loss(0.5,0.4)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.4, sds='loss'),
@@ -72,6 +77,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--steps', type=int, default=5, help='timed steps per method')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per method')
     parser.add_argument('--num-classes', type=int, default=None)
+    parser.add_argument('--clock', default='wall', choices=['wall', 'cpu'],
+                        help="'wall': elapsed time; 'cpu': this process's CPU time (with --threads 1 and "
+                             "OMP_WAIT_POLICY=PASSIVE, steady on a machine other work keeps busy)")
+    parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s)')
     parser.add_argument('--base-opt', default='sgd',
                         help="timm optimizer of the plain 'sgd' arm and base of every wrapper (e.g. adamw for a ViT)")
     parser.add_argument('--no-memory', action='store_true', help='skip the memory measurement')
@@ -92,6 +101,21 @@ def parse_args() -> argparse.Namespace:
     methods = list(dict.fromkeys(['sgd'] + args.methods))  # every ratio is to eager SGD of the same round
     args.arms = methods + [m + COMPILED for m in methods if args.compile and m in COMPILE_METHODS]
     return args
+
+
+def pass_model(arm: str) -> float:
+    """The step's cost in passes over SGD's, a backward counting as two forwards (input and weight
+    gradients): SGD 3 (F + B), SAM 6; ESAM F1 + B1 with only the SWP share beta of the weight gradients
+    (2 + beta), F2 when it selects by exact sharpness (1), F3 + B3 on the selected share gamma (3 gamma);
+    msam one pass at w~ (3). Parameter-sized work (ascent, restore, the optimizer) is not in it."""
+    spec = METHODS[arm.removesuffix(COMPILED)]
+    if spec['opt'] in ('sgd', 'msam'):
+        return 1.0
+    if spec['opt'] == 'sam':
+        return 2.0
+    beta, gamma = spec.get('beta', esam_timm.optim.DEFAULT_BETA), spec.get('gamma', esam_timm.optim.DEFAULT_GAMMA)
+    exact_f2 = gamma < 1 and spec.get('sds', 'exact').startswith('exact')
+    return (2 + beta + exact_f2 + 3 * gamma) / 3
 
 
 def build(args: argparse.Namespace, base: torch.nn.Module, arm: str) -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -188,6 +212,9 @@ def cpu_peak_live_heap(args: argparse.Namespace, method: str, queue) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == 'cpu' else time.perf_counter
     torch.manual_seed(0)
     base = timm.create_model(args.model, num_classes=args.num_classes).to(args.device).train()
     if args.channels_last:
@@ -208,9 +235,9 @@ def main() -> None:
     times: Dict[str, List[float]] = {m: [] for m in args.arms}
     for i in range(args.steps):
         for method, step in steppers.items():
-            start = time.perf_counter()
+            start = clock()
             step()
-            times[method].append(time.perf_counter() - start)
+            times[method].append(clock() - start)
         print(f'round {i + 1}/{args.steps}: ' + ', '.join(f'{m} {t[-1] * 1e3:.0f} ms' for m, t in times.items()),
               flush=True)
     steppers.clear()  # free the timed models before measuring memory one method at a time
@@ -237,20 +264,22 @@ def main() -> None:
     print(f'\nmodel {args.model}, {args.img_size} px, batch {args.batch_size}, base optimizer {args.base_opt} '
           f"(the 'sgd' arm runs it plain), device {args.device}, "
           f'amp {args.amp_dtype}, channels_last {args.channels_last}, threads {torch.get_num_threads()}, '
-          f'{args.steps} interleaved rounds; parameters {param_bytes / 2**20:.1f} MiB')
-    print(f'{"arm":<27}{"median ms":>10}{"x SGD":>8}{"range":>13}{"peak mem MiB":>14}{"extra vs SGD MiB":>18}')
+          f'{args.steps} interleaved rounds, {args.clock} clock; parameters {param_bytes / 2**20:.1f} MiB')
+    print(f'{"arm":<27}{"median ms":>10}{"x SGD":>8}{"model":>7}{"range":>13}{"peak mem MiB":>14}'
+          f'{"extra vs SGD MiB":>18}')
     # each round's step time over the SGD step of the same round: noise common to a round cancels
     ratios = {method: [a / accum_steps(method) / b for a, b in zip(t, times['sgd'])] for method, t in times.items()}
     for method, t in times.items():
         mem = peak.get(method)
         mem_txt = f'{mem / 2**20:14.0f}{(mem - peak["sgd"]) / 2**20:18.0f}' if mem is not None else ''
         print(f'{method:<27}{statistics.median(t) * 1e3:10.1f}{statistics.median(ratios[method]):8.2f}'
-              f'{min(ratios[method]):7.2f}-{max(ratios[method]):<5.2f}{mem_txt}')
+              f'{pass_model(method):7.2f}{min(ratios[method]):7.2f}-{max(ratios[method]):<5.2f}{mem_txt}')
     if any(accum_steps(m) > 1 for m in times):
         print('/accum arms: median ms is per update (all micro-batches), x SGD per micro-batch')
     if args.out:
         rows = {method: dict(median_ms=statistics.median(t) * 1e3, x_sgd=statistics.median(ratios[method]),
-                             ratios=ratios[method], peak_mib=peak[method] / 2**20 if method in peak else None)
+                             model=pass_model(method), ratios=ratios[method],
+                             peak_mib=peak[method] / 2**20 if method in peak else None)
                 for method, t in times.items()}
         config = {k: v for k, v in vars(args).items() if k != 'arms'}
         with open(args.out, 'w') as f:
