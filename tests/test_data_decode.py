@@ -96,6 +96,26 @@ def test_fast_train_transform_matches_timms_transform_sample_by_sample(jitter, t
         assert diff.max() <= tolerance and diff.float().mean() <= 0.2, (k, diff.max(), diff.float().mean())
 
 
+@pytest.mark.parametrize('jitter', [(0.4, 0.4, 0.4), (0.9, 0.7, 1.5), (0.4, 0.4, 0.4, 0.1), (0., 0.5, 0.)])
+def test_pil_color_jitter_is_torchvisions_bit_for_bit(jitter):
+    """The same draws from torch's RNG (which stays in step) and the same pixels as torchvision's ColorJitter
+    on PIL images, for factors on both sides of 1 (the lookup tables stand in for PIL's clipping blend)."""
+    from torchvision import transforms
+
+    from esam_timm.data.decode import PilColorJitter
+    reference, ours = transforms.ColorJitter(*jitter), PilColorJitter(*jitter)
+    images = [Image.open(io.BytesIO(photo_jpeg(96, 72, seed=s))).convert('RGB') for s in range(6)]
+    images.append(Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)))
+    for seed in range(40):
+        image = images[seed % len(images)]
+        torch.manual_seed(seed)
+        expected = np.asarray(reference(image))
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        np.testing.assert_array_equal(np.asarray(ours(image)), expected, err_msg=f'seed {seed}')
+        assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_draft_scale_is_the_largest_reduction_keeping_the_crop_at_output_size():
     assert draft_scale(375, 500, 224, 224) == 1
     assert draft_scale(448, 448, 224, 224) == 2
