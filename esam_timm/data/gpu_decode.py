@@ -225,6 +225,8 @@ class GpuDecodeLoader:
             raise ValueError(f'batch_size must be >= 1, got {batch_size}')
         self.loader = loader
         self.device = torch.device(device)
+        if self.device.type == 'cuda' and self.device.index is None:  # the thread would default to cuda:0
+            self.device = torch.device('cuda', torch.cuda.current_device())
         self.size = (size, size) if isinstance(size, int) else (int(size[-2]), int(size[-1]))
         self.batch_size = batch_size
         self.augment = augment if augment is not None and augment.active else None
