@@ -4,8 +4,9 @@ Steps, in order (the first two run anywhere; without CUDA the script stops befor
 line and exit code 2):
 
 1. writes 1,024 generated 320x240 JPEGs (100 classes) as WebDataset shards with ``_info.json``;
-2. CPU smoke test of the loaders: a few batches through ``decode='pil'``, ``'fast'`` and the GPU
-   backend's worker side (``'encoded'``);
+2. CPU smoke test of the loaders: a few batches through ``decode='pil'``, ``'fast'`` and GPU decode's
+   code on the CPU (the workers' ``'encoded'`` batches decoded by TorchCodec on the host); prints the
+   TorchCodec version (``--decode fast|gpu`` need it: install its wheel before going to an air-gapped node);
 3. the CUDA-marked tests (``pytest -m cuda``);
 4. ``benchmarks/step_cost.py --device cuda`` (ResNet-50, 224 px, bf16, channels-last, eager and
    compiled) for sgd, sam, esam(0.5,0.5), esam-fo(0.5,0.5), msam;
@@ -59,17 +60,29 @@ def make_shards(workdir: str, images: int = 1024, num_classes: int = 100) -> str
     return workdir
 
 
-def loader_smoke(workdir: str) -> None:
-    """A few batches of each decode path's host loader, on the CPU."""
+def loader_smoke(workdir: str) -> str:
+    """A few batches of each decode path on the CPU (GPU decode's code with device='cpu'); the TorchCodec
+    version, or why there is none (then only --decode pil can train)."""
     from esam_timm.data import create_train_loader, resolve_source
+    from esam_timm.data.decode import jpeg_decoder
+    from esam_timm.data.gpu_decode import GpuDecodeLoader
+    try:
+        jpeg_decoder()
+        import torchcodec
+        codec = f'TorchCodec {torchcodec.__version__}'
+    except ValueError as exc:
+        codec = f'no usable TorchCodec: {exc}'
     source = resolve_source(workdir, 'train')
-    for decode in ('pil', 'fast', 'encoded'):
+    for decode in ('pil', 'fast', 'encoded') if codec.startswith('TorchCodec') else ('pil',):
         loader = create_train_loader(source, batch_size=16, img_size=224, num_workers=0, decode=decode,
                                      shuffle_buffer=32)
+        if decode == 'encoded':
+            loader = GpuDecodeLoader(loader, 'cpu', 224, batch_size=16)
         for i, (images, labels) in enumerate(loader):
             assert len(images) == len(labels) == 16, decode
             if i == 2:
                 break
+    return codec
 
 
 def run_cuda_tests() -> str:
@@ -167,8 +180,9 @@ def main() -> None:
     shards = os.path.join(workdir, 'shards')
     _say(f'1/5 writing shards in {shards}')
     make_shards(shards)
-    _say('2/5 CPU smoke test of the decode paths (pil, fast, encoded)')
-    loader_smoke(shards)
+    _say('2/5 CPU smoke test of the decode paths (pil, fast, GPU decode on the CPU)')
+    codec = loader_smoke(shards)
+    _say(codec)
 
     import torch
     if not torch.cuda.is_available():
@@ -179,9 +193,9 @@ def main() -> None:
     tests = run_cuda_tests()
     _say(f'4/5 step_cost.py --device cuda ({" ".join(STEP_COST_METHODS)}), eager and compiled')
     step_cost = run_step_cost(os.path.join(workdir, 'step_cost.json'), args.step_cost_steps)
-    backends = BACKENDS if trainer_has_decode_flag() else ['pil']
+    backends = BACKENDS if trainer_has_decode_flag() and codec.startswith('TorchCodec') else ['pil']
     if backends == ['pil']:
-        _say('train_esam.py has no --decode flag yet: only the default (PIL) backend is trained')
+        _say('no --decode flag in train_esam.py or no usable TorchCodec: only the default (PIL) backend is trained')
     runs = []
     for backend in backends:
         _say(f'5/5 200-step train_esam.py run, decode {backend}')
