@@ -28,6 +28,7 @@ without the sharpness; ``--sds balanced`` and the others are the library's modes
     python benchmarks/vit_selection.py --arm esam --epochs 6               # the collapse
     python benchmarks/vit_selection.py --arm esam --sds random --epochs 6  # a half batch, not chosen
     python benchmarks/vit_selection.py --arm esam --base momentum --lr 0.05 --weight-decay 5e-4
+    python benchmarks/vit_selection.py --table benchmarks/results/vit-probe-*.json  # the table of several runs
 """
 import argparse
 import json
@@ -177,6 +178,48 @@ def epoch_summary(records: List[Dict[str, Any]]) -> Dict[str, float]:
     return {key: statistics.mean(r[key] for r in records) for key in METRICS if key in records[0]}
 
 
+TABLE_EPOCHS = (0, 1, 2, 5)
+
+
+def table(paths: List[str]) -> str:
+    """Markdown table of recorded runs: per run and epoch, test top-1, how input-dependent the output is
+    (first step of the run, then epoch medians), what the selection held, and the update's prior share."""
+    lines = ['| run | epoch | test top-1 | pred. mode share | logit var. by class | sharpness var. by label '
+             '| classes in selection (batch: 10) | largest class: selection / batch | mislabelled: selection / '
+             'batch | clean loss: selection / batch | update: prior / per-sample (median) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
+    for path in paths:
+        with open(path) as f:
+            run = json.load(f)
+        config = run['config']
+        name = f"{config['arm']}" + (f" ({config['sds']})" if config['arm'] == 'esam' else '') + \
+            f", {run['base']}, {config['task']}" + (f", noise {config['noise']}" if config.get('noise') is not None else '') + \
+            (f", warm-up {config['warmup_steps']} steps" if config.get('warmup_steps') else '') + \
+            (f", beta {config['beta']}" if config['arm'] == 'esam' and config['beta'] != 0.5 else '') + \
+            (f", drop-path {config['drop_path']}" if config.get('drop_path') is not None else '')
+        first = run['steps'][0]
+        lines.append(f"| {name} | first step | | {first['pred_mode_share']:.2f} | {first['logit_eta2']:.2f} | "
+                     + (f"{first['label_eta2']:.2f} |" if 'label_eta2' in first else '- |') + ' | | | | |')
+        for epoch in TABLE_EPOCHS:
+            rows = [r for r in run['steps'] if r['epoch'] == epoch]
+            row = next((e for e in run['epochs'] if e['epoch'] == epoch), None)
+            if not rows or row is None:
+                continue
+
+            def med(key: str, fmt: str = '.2f') -> str:
+                values = [r[key] for r in rows if key in r]
+                return format(statistics.median(values), fmt) if values else '-'
+            selected = 'chosen_classes' in rows[0]
+            lines.append(
+                f"| | {epoch} | {row['test_top1']:.1f} | {med('pred_mode_share')} | {med('logit_eta2')} | "
+                f"{med('label_eta2')} | {med('chosen_classes', '.1f') if selected else '-'} | "
+                + (f"{med('chosen_max_share')} / {med('batch_max_share')} | {med('chosen_mislabelled')} / "
+                   f"{med('mislabelled_batch')} | {med('chosen_loss')} / {med('loss_batch')} |" if selected
+                   else f"- / {med('batch_max_share')} | - / {med('mislabelled_batch')} | - / {med('loss_batch')} |")
+                + f" {med('prior_ratio', '.1f')} |")
+    return '\n'.join(lines)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--task', default='vit-mnist-noisy', choices=list(TASKS))
@@ -196,11 +239,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--drop-path', type=float, default=None, help='override the task\'s drop-path rate')
     add_recipe_args(parser)
     parser.add_argument('--out', default=None, help='JSON file for the per-step records and per-epoch rows')
+    parser.add_argument('--table', nargs='+', default=None, metavar='JSON',
+                        help='print the markdown table of these recorded runs and exit (no training)')
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     torch.set_num_threads(args.threads)
     task = make_tasks([args.task], args)[args.task]
     if task.augment != 'none':
