@@ -115,3 +115,19 @@ def test_labels_beyond_num_classes_stop_at_the_first_batch(demo_dir, tmp_path):
     os.remove(data / 'class_map.txt')  # the data no longer says how many classes it has
     with pytest.raises(LabelRangeError, match=r'label [5-9], outside the 5 classes of the model'):
         run_trainer(str(data), tmp_path, *ONE_EPOCH, '--num-classes', '5')
+
+
+def test_a_data_pipeline_failure_is_one_line_and_exit_code_1(monkeypatch, capsys):
+    """Out of memory, a CUDA fault or a broken decoder in the data pipeline: not bad data, not a traceback."""
+    import runpy
+    from esam_timm.data import DataPipelineError
+
+    def fail(args, text):
+        raise DataPipelineError('GPU decode ran out of device memory decoding a batch of 256: lower -b')
+    monkeypatch.setattr('esam_timm.train.train', fail)
+    monkeypatch.setattr(sys, 'argv', ['train_esam.py', '--data-dir', 'x'])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(os.path.join(REPO, 'train_esam.py'), run_name='__main__')
+    assert info.value.code == 1
+    assert capsys.readouterr().err == ('train_esam.py: error: GPU decode ran out of device memory decoding a batch '
+                                       'of 256: lower -b\n')

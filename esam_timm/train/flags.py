@@ -266,8 +266,10 @@ FLAGS: Tuple[Flag, ...] = (
               'number) or .pkl (a dict); found as given or under --data-dir'),
     Flag(('--decode',), _D, default='pil', metavar='HOW', checks=(OneOf(DECODES),), resume_free=True,
          help="how training images are decoded (WebDataset shards): 'pil' (timm's transform in the loader "
-              "workers), 'fast' (the same crops, flips and jitter from a cheaper decode at reduced size in the "
-              "workers) or 'gpu' (JPEG decode on the CUDA device; the workers only parse headers and draw crops)"),
+              "workers), 'fast' (the same crops, flips and jitter, decoded by TorchCodec or at reduced size in "
+              "the workers; on a GPU the jitter runs on the batch there) or 'gpu' (TorchCodec's nvJPEG on the "
+              "CUDA device, a batch ahead of the step; the workers only parse headers and draw crops); fast and "
+              "gpu need TorchCodec"),
     Flag(('--demo',), _D, default=False, action='store_true', checks=(_demo_reads_shards,),
          help='build the built-in demo dataset in <output>/demo-data and train on it'),
     # -------------------------------------------------------------------------------------- Model
