@@ -62,7 +62,7 @@ METHODS: Dict[str, Dict] = {
     'sgd/accum4': dict(opt='sgd', accum=4),
     'esam(0.5,0.5)/accum4': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, accum=4),
 }
-COMPILE_METHODS = ['sgd', 'sam', 'esam(0.5,0.5)', 'esam-fo(0.5,0.5)', 'msam']
+COMPILE_METHODS = ['sgd', 'sam', 'esam(0.5,0.5)', 'esam(0.6,0.5)', 'esam-fo(0.5,0.5)', 'esam-fo(0.6,0.5)', 'msam']
 COMPILED = '+compile'
 
 
@@ -71,7 +71,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--model', default=None, help='timm model (default: resnet18_cifar on CPU, resnet50 on CUDA)')
     parser.add_argument('--img-size', type=int, default=None)
-    parser.add_argument('--batch-size', '-b', type=int, default=None)
+    parser.add_argument('--batch-size', '-b', type=int, default=None,
+                        help='default: 128 on the CPU; on CUDA the largest of 256, 128, 64, ... whose SAM step fits')
     parser.add_argument('--amp-dtype', default=None, choices=['bfloat16', 'float16', 'none'])
     parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument('--steps', type=int, default=5, help='timed steps per method')
@@ -93,7 +94,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     cuda = args.device == 'cuda'
     defaults = dict(model='resnet50' if cuda else 'resnet18_cifar', img_size=224 if cuda else 32,
-                    batch_size=256 if cuda else 128, amp_dtype='bfloat16' if cuda else 'none',
+                    batch_size=0 if cuda else 128, amp_dtype='bfloat16' if cuda else 'none',
                     channels_last=cuda, num_classes=1000 if cuda else 10, compile=cuda)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -210,6 +211,25 @@ def cpu_peak_live_heap(args: argparse.Namespace, method: str, queue) -> None:
     queue.put(sampler.peak - baseline)
 
 
+def fit_batch_size(args: argparse.Namespace, base: torch.nn.Module) -> int:
+    """The largest batch of 256, 128, 64, ... whose SAM step (eager and, with --compile, compiled: the
+    arms with the most live memory) fits on the CUDA device."""
+    batch = 256
+    while batch >= 8:
+        args.batch_size = batch
+        try:
+            for arm in ['sam'] + (['sam' + COMPILED] if args.compile else []):
+                model, optimizer = build(args, base, arm)
+                make_stepper(args, arm, model, optimizer)()
+                del model, optimizer
+            return batch
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f'batch {batch} does not fit; trying {batch // 2}', flush=True)
+            batch //= 2
+    raise SystemExit('step_cost.py: not even a batch of 8 fits on this device')
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -222,6 +242,9 @@ def main() -> None:
     # Dynamo shares one compiled forward between instances of a class and does not guard on hooks:
     # every copy gets the first-order SDS tap before anything is compiled.
     classifier_tap(base)
+    if not args.batch_size:
+        args.batch_size = fit_batch_size(args, base)
+        print(f'batch {args.batch_size}: the largest up to 256 whose SAM step fits', flush=True)
     param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     steppers = {}
     peak: Dict[str, float] = {}

@@ -93,7 +93,7 @@ def test_random_erasing_on_device_and_inherited_from_loader(tmp_path):
     assert len(pf) == 2 and len(list(pf)) == 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.cuda
 def test_cuda_stream_prefetch_matches_cpu():
     batches = _batches(n=3)
     cpu = [x for x, _ in DevicePrefetcher(_ListLoader(batches), 'cpu', mean=MEAN, std=STD)]

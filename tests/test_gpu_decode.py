@@ -324,7 +324,6 @@ def test_a_missing_torchcodec_is_one_line_naming_the_install(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_decode_matches_the_cpu_code_path():
     """nvJPEG vs libjpeg-turbo: stated tolerance mean |diff| <= 1.5 levels, 99% within 6 (their IDCT and
     chroma upsampling differ slightly); then the whole device path through DevicePrefetcher."""
@@ -346,7 +345,6 @@ def test_cuda_decode_matches_the_cpu_code_path():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_truncated_jpeg_is_bad_data_and_the_batch_is_refilled():
     """On the device the same rule as on the CPU: a truncated JPEG is counted, the batch stays full."""
     datas = _photos(8)
@@ -360,7 +358,6 @@ def test_cuda_truncated_jpeg_is_bad_data_and_the_batch_is_refilled():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_fast_decode_moves_the_colour_jitter_to_the_device(tmp_path):
     from data_helpers import write_identity_shards
     from esam_timm.data.backend_wds import WdsBackend

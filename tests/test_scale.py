@@ -403,3 +403,27 @@ def test_the_data_wait_share_is_the_time_spent_waiting_for_batches(monkeypatch):
     read = meter.read()
     assert read['data_wait_share'] == pytest.approx(0.2)
     assert 'Data: 200.0 (200.0) ms, wait 20%' in format_train_line(0, 2, 4, read, read, lr=0.1)
+
+
+def test_layer_decay_flags_reach_timm_only_when_set_and_an_older_timm_refuses_them(monkeypatch):
+    """Issue 24: the GPU node's timm may predate create_optimizer_v2's layer_decay_min_scale /
+    layer_decay_no_opt_scale; the trainer passes them only when set and refuses them in one line there."""
+    import timm
+    import timm.optim
+    from esam_timm.train.builders import build_optimizer
+    seen = {}
+
+    def older_factory(model, opt='', lr=None, weight_decay=0., momentum=0.9, layer_decay=None, **kwargs):
+        seen.update(kwargs, layer_decay=layer_decay)
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    monkeypatch.setattr(timm.optim, 'create_optimizer_v2', older_factory)
+    model = torch.nn.Linear(2, 2)
+    args, _ = parse_args(['--data-dir', 'x', '--opt', 'momentum', '--layer-decay', '0.75'])
+    build_optimizer(args, model, 0.1)
+    assert seen['layer_decay'] == 0.75 and 'layer_decay_min_scale' not in seen
+    args, _ = parse_args(['--data-dir', 'x', '--opt', 'momentum', '--layer-decay', '0.75',
+                          '--layer-decay-min-scale', '0.1'])
+    with pytest.raises(ValueError, match=rf'^--layer-decay-min-scale 0.1: timm {timm.__version__} has no '
+                                         r'layer_decay_min_scale in create_optimizer_v2; drop the flag or use a '
+                                         r'newer timm$'):
+        build_optimizer(args, model, 0.1)

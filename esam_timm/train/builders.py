@@ -267,11 +267,27 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> to
             kwargs.update(beta=args.esam_beta, gamma=args.esam_gamma, sds=args.esam_sds)
     elif is_msam(kind):
         kwargs.update(base_optimizer=args.base_opt, rho=args.rho)
+    kwargs.update(_layer_decay_kwargs(args, create_optimizer_v2))
     kwargs.update(args.opt_kwargs)
-    return create_optimizer_v2(
-        model, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
-        layer_decay=args.layer_decay, layer_decay_min_scale=args.layer_decay_min_scale,
-        layer_decay_no_opt_scale=args.layer_decay_no_opt_scale, **kwargs)
+    return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                               layer_decay=args.layer_decay, **kwargs)
+
+
+def _layer_decay_kwargs(args: argparse.Namespace, create_optimizer_v2: Any) -> Dict[str, Any]:
+    """``--layer-decay-min-scale`` and ``--layer-decay-no-opt-scale`` for timm's factory, which has them only
+    since a recent release: passed when set, and refused in one line when this timm lacks them."""
+    import timm
+    accepted = inspect.signature(create_optimizer_v2).parameters
+    out: Dict[str, Any] = {}
+    for name, default in (('layer_decay_min_scale', 0.0), ('layer_decay_no_opt_scale', None)):
+        value = getattr(args, name)
+        if value == default:
+            continue
+        if name not in accepted:
+            raise ValueError(f'--{name.replace("_", "-")} {value}: timm {timm.__version__} has no {name} in '
+                             f'create_optimizer_v2; drop the flag or use a newer timm')
+        out[name] = value
+    return out
 
 
 def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
