@@ -72,6 +72,8 @@ ARMS: Dict[str, Dict[str, Any]] = {
     'msam': dict(opt='msam', rho=3.0),  # the reference's rho (its README); swept once, see docs/benchmarks.md
     'msam(rho=1)': dict(opt='msam', rho=1.0),
     'msam(rho=2)': dict(opt='msam', rho=2.0),
+    'msam(rho=0.1)': dict(opt='msam', rho=0.1),  # smaller radii for the ViT over AdamW (issue 23)
+    'msam(rho=0.3)': dict(opt='msam', rho=0.3),
     'esam-exact': dict(opt='esam', sds='exact', **ESAM_SHARES),
     'esam-first-order': dict(opt='esam', sds='first-order', **ESAM_SHARES),
     'esam-loss': dict(opt='esam', sds='loss', **ESAM_SHARES),

@@ -422,3 +422,27 @@ def test_first_order_refuses_a_vit_whose_classifier_it_cannot_read(make, match):
     with pytest.raises(ValueError, match=match + r".*Use SDS mode 'exact' or 'loss'"):
         train_step(model, optimizer, x, y, PerSampleCrossEntropy())
     assert all(torch.equal(p, w0) for p, w0 in zip(model.parameters(), w))
+
+
+@pytest.mark.parametrize('argv, model_name, warned', [
+    (['--opt', 'esam'], 'test_vit', True),
+    (['--opt', 'esam', '--esam-sds', 'first-order'], 'test_vit', True),
+    (['--opt', 'esam', '--esam-sds', 'exact-balanced'], 'test_vit', False),
+    (['--opt', 'esam', '--esam-gamma', '1'], 'test_vit', False),  # no selection
+    (['--opt', 'sam'], 'test_vit', False),
+    (['--opt', 'esam'], 'test_resnet', False),
+])
+def test_the_script_warns_when_esam_selects_class_blind_on_a_patch_model(argv, model_name, warned, caplog):
+    """The paper's top-k held a small ViT near chance (issue 23); the script says so, and names the balanced
+    rule, when ESAM selects without keeping the class mix on a patch-based model, and only then."""
+    from esam_timm.train.builders import build_optimizer
+    from esam_timm.train import parse_args
+    args, _ = parse_args(['--data-dir', 'x', '--model', model_name] + argv)
+    model = timm.create_model(model_name, num_classes=10)
+    with caplog.at_level('WARNING', logger='esam_timm.train.builders'):
+        build_optimizer(args, model, 1e-3)
+    messages = [r.getMessage() for r in caplog.records if 'patch-based model' in r.getMessage()]
+    assert len(messages) == int(warned)
+    if warned:
+        assert f'--esam-sds {args.esam_sds} on VisionTransformer' in messages[0]
+        assert '--esam-sds exact-balanced' in messages[0]

@@ -269,8 +269,23 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> to
         kwargs.update(base_optimizer=args.base_opt, rho=args.rho)
     kwargs.update(_layer_decay_kwargs(args, create_optimizer_v2))
     kwargs.update(args.opt_kwargs)
-    return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
-                               layer_decay=args.layer_decay, **kwargs)
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, layer_decay=args.layer_decay, **kwargs)
+    _warn_class_blind_selection(optimizer, model)
+    return optimizer
+
+
+def _warn_class_blind_selection(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Warn when ESAM selects the second pass's samples without keeping the class mix on a model cut into
+    patches (ViT, DeiT, Swin, Mixer: timm gives them a ``patch_embed``): there the paper's top-k picked whole
+    classes while the output did not yet depend on the input, and kept a small ViT near chance (issue 23)."""
+    sam = find_sam(optimizer)
+    if sam is None or sam.gamma >= 1.0 or sam.sds_mode.needs_labels or not hasattr(model, 'patch_embed'):
+        return
+    _logger.warning('ESAM selects by --esam-sds %s on %s, a patch-based model: on a small ViT this selection '
+                    'took whole classes and held the model near chance (docs/benchmarks.md, "Vision Transformers"); '
+                    '--esam-sds exact-balanced (or first-order-balanced) keeps each class\'s share of the batch',
+                    sam.sds, type(model).__name__)
 
 
 def _layer_decay_kwargs(args: argparse.Namespace, create_optimizer_v2: Any) -> Dict[str, Any]:
