@@ -91,6 +91,7 @@ ARMS: Dict[str, Dict[str, Any]] = {
     # the paper's ablations: SWP alone (all samples in the second pass), SDS alone (every tensor perturbed)
     'esam-swp-only': dict(opt='esam', beta=0.5, gamma=1.0),
     'esam-sds-only': dict(opt='esam', sds='exact', beta=1.0, gamma=0.5),
+    'esam-sds-only-balanced': dict(opt='esam', sds='exact-balanced', beta=1.0, gamma=0.5),  # issue 23's ViT
     # issue 23's decomposition of ESAM's gap to SAM on a ViT: the radius (ESAM's ||e|| = rho / beta is twice
     # SAM's at beta 0.5), half of the batch drawn at random instead of by sharpness, and SAM at ESAM's radius
     'esam-exact-balanced(rho=0.025)': dict(opt='esam', sds='exact-balanced', rho=0.025, **ESAM_SHARES),
@@ -309,13 +310,17 @@ def create_optimizer(model: nn.Module, arm: str, lr: float, weight_decay: float,
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
           epochs: int, batch_size: int, lr: float, pad: int, augment_mode: str, seed: int,
-          before_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> Dict[str, float]:
+          before_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+          plain_epochs: int = 0) -> Dict[str, float]:
     """Train in train mode with a per-step cosine LR; ``before_step(epoch, index)`` runs before each step
-    with the training-set indices of its batch.
+    with the training-set indices of its batch. For the first ``plain_epochs`` epochs a SAM/ESAM optimizer
+    takes its base optimizer's plain steps (one forward and backward; the base's state carries on).
 
     Returns the number of steps, the training-loop seconds and the mean clean loss of the last epoch.
     """
     loss_fn = esam_timm.losses.PerSampleCrossEntropy()
+    sam = esam_timm.find_sam(optimizer)
+    plain = sam.base_optimizer if sam is not None else optimizer
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = x.shape[0] // batch_size  # the last partial batch is dropped: k stays fixed
     total = epochs * steps_per_epoch
@@ -334,7 +339,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y
                 group['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             if before_step is not None:
                 before_step(epoch, index)
-            epoch_loss += esam_timm.train_step(model, optimizer, inputs, targets, loss_fn)['loss']
+            stepper = plain if epoch < plain_epochs else optimizer
+            epoch_loss += esam_timm.train_step(model, stepper, inputs, targets, loss_fn)['loss']
             step += 1
     return {'steps': total, 'train_s': time.perf_counter() - start,
             'last_epoch_loss': epoch_loss.item() / steps_per_epoch}
@@ -365,13 +371,13 @@ def run(task: Task, arm: str, seed: int, args: argparse.Namespace) -> Dict[str, 
     model = create_model(task, args.num_classes)
     optimizer = create_optimizer(model, arm, task.lr, task.weight_decay, args.rho, seed, base=task.base)
     stats = train(model, optimizer, task.train_x, task.train_y, epochs=task.epochs, batch_size=task.batch_size,
-                  lr=task.lr, pad=args.pad, augment_mode=task.augment, seed=seed)
+                  lr=task.lr, pad=args.pad, augment_mode=task.augment, seed=seed, plain_epochs=args.plain_epochs)
     top1 = evaluate(model, task.test_x, task.test_y)
     return dict(task=task.name, variant=args.variant, arm=arm, seed=seed, top1=top1,
                 wall_s=time.perf_counter() - start, ms_per_step=1e3 * stats['train_s'] / stats['steps'],
                 model=task.model, epochs=task.epochs, batch_size=task.batch_size, augment=task.augment,
                 base=task.base, lr=task.lr, weight_decay=task.weight_decay, rho=args.rho,
-                train_size=len(task.train_y), noisy_labels=task.noisy_labels, **stats)
+                train_size=len(task.train_y), noisy_labels=task.noisy_labels, plain_epochs=args.plain_epochs, **stats)
 
 
 def run_label(record: Dict[str, Any]) -> str:
@@ -431,6 +437,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--train-size', type=int, default=None, help='training images of every task (default: per task)')
     parser.add_argument('--noise', type=float, default=None, help='label-noise rate of every task (default: per task)')
     parser.add_argument('--epochs', type=int, default=None, help='epochs of every task (default: per task)')
+    parser.add_argument('--plain-epochs', type=int, default=0,
+                        help='SAM/ESAM arms take plain base-optimizer steps for this many first epochs (name the '
+                             'run with --variant)')
     parser.add_argument('--variant', default='', help='a name for this run\'s overrides, kept in every record')
     add_recipe_args(parser)
     parser.add_argument('--out', default='benchmarks/accuracy.json', help='JSON file for the per-run results')
