@@ -52,17 +52,24 @@ def test_a_sigterm_from_outside_does_not_kill_the_loader_workers(tmp_path):
     write_identity_shards(tmp_path, SIZES)
     loader = create_train_loader(resolve_source(str(tmp_path), 'train', num_samples=40), batch_size=2,
                                  img_size=16, num_workers=2, seed=3, shuffle_buffer=4, prefetch_factor=1)
-    batches = iter(loader)
-    first = next(batches)
-    workers = [p.pid for p in multiprocessing.active_children()]
+    batches, first, workers = _start_workers(loader)
     assert len(workers) == 2
-    for pid in workers:  # sent by another process, as a scheduler does
-        subprocess.run(['kill', '-TERM', str(pid)], check=True)
-        subprocess.run(['kill', '-INT', str(pid)], check=True)
+    for worker in workers:  # sent by another process, as a scheduler does
+        subprocess.run(['kill', '-TERM', str(worker.pid)], check=True)
+        subprocess.run(['kill', '-INT', str(worker.pid)], check=True)
     time.sleep(0.5)
     rest = list(batches)
     assert 1 + len(rest) == len(loader) == 20
     assert first[0].shape == (2, 3, 16, 16)
+
+
+def _start_workers(loader):
+    """Iterate ``loader`` to its first batch; return the iterator, that batch and the worker processes it
+    started (not all children: earlier tests may leave other loaders' workers alive in this process)."""
+    before = set(multiprocessing.active_children())
+    batches = iter(loader)
+    first = next(batches)
+    return batches, first, [p for p in multiprocessing.active_children() if p not in before]
 
 
 def test_the_trainers_own_sigterm_still_ends_a_worker(tmp_path):
@@ -71,9 +78,7 @@ def test_the_trainers_own_sigterm_still_ends_a_worker(tmp_path):
     write_identity_shards(tmp_path, SIZES)
     loader = create_train_loader(resolve_source(str(tmp_path), 'train', num_samples=40), batch_size=2,
                                  img_size=16, num_workers=1, seed=3, shuffle_buffer=4, prefetch_factor=1)
-    batches = iter(loader)
-    next(batches)
-    (worker,) = multiprocessing.active_children()
+    batches, _, (worker,) = _start_workers(loader)
     time.sleep(0.2)
     os.kill(worker.pid, signal.SIGTERM)
     worker.join(timeout=10)
