@@ -96,6 +96,8 @@ ARMS: Dict[str, Dict[str, Any]] = {
     # SAM's at beta 0.5), half of the batch drawn at random instead of by sharpness, and SAM at ESAM's radius
     'esam-exact-balanced(rho=0.025)': dict(opt='esam', sds='exact-balanced', rho=0.025, **ESAM_SHARES),
     'esam-random-half': dict(opt='esam', sds='random', **ESAM_SHARES),
+    # AdamW's update from a random half of each batch at w (an ascent of 1e-12: none): what the halved second pass alone costs
+    'half-batch-update': dict(opt='esam', sds='random', rho=1e-12, beta=1.0, gamma=0.5),
     'sam(rho=0.1)': dict(opt='sam', rho=0.1),
     # the trim rule's excluded share, for the one-off sweep that fixed its default (0.2)
     'esam-exact-trim(0.1)': dict(opt='esam', sds='exact', trim=0.1, **ESAM_SHARES),
