@@ -441,6 +441,7 @@ def test_the_script_warns_when_esam_selects_class_blind_on_a_patch_model(argv, m
     model = timm.create_model(model_name, num_classes=10)
     with caplog.at_level('WARNING', logger='esam_timm.train.builders'):
         build_optimizer(args, model, 1e-3)
+        build_optimizer(args, model, 1e-3, verbose=False)  # another rank than the first: nothing logged
     messages = [r.getMessage() for r in caplog.records if 'patch-based model' in r.getMessage()]
     assert len(messages) == int(warned)
     if warned:

@@ -251,9 +251,10 @@ def _init_head(model: nn.Module, args: argparse.Namespace) -> None:
             nn.init.constant_(head.bias, args.head_init_bias)
 
 
-def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float, *,
+                    verbose: bool = True) -> torch.optim.Optimizer:
     """The optimizer from timm's factory: ``esam``/``sam``/``msam`` with their flags and ``--base-opt``,
-    or any timm optimizer; ``--opt-kwargs`` last, so they override."""
+    or any timm optimizer; ``--opt-kwargs`` last, so they override. ``verbose``: log advice (rank 0)."""
     from timm.optim import create_optimizer_v2
     kwargs: Dict[str, Any] = {}
     if args.opt_eps is not None:
@@ -271,7 +272,8 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> to
     kwargs.update(args.opt_kwargs)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, layer_decay=args.layer_decay, **kwargs)
-    _warn_class_blind_selection(optimizer, model)
+    if verbose:
+        _warn_class_blind_selection(optimizer, model)
     return optimizer
 
 

@@ -152,7 +152,7 @@ class Trainer:
         self.batches_per_epoch = loaders.batches_per_epoch
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum_steps)
         self.lr = resolve_lr(args, self.world_size)
-        self.optimizer = build_optimizer(args, self.model, self.lr)
+        self.optimizer = build_optimizer(args, self.model, self.lr, verbose=self.is_primary)
         self.sam = find_sam(self.optimizer)
         self.loss_fn = create_per_sample_loss(
             smoothing=args.smoothing, mixup_active=self.mixup_fn is not None, bce_loss=args.bce_loss,
