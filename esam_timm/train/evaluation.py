@@ -86,10 +86,9 @@ class FlatnessProbe:
         report = measure_sharpness(model, self._batches, F.cross_entropy, rho=self.rho, eig_iters=self.iters,
                                    seed=self.seed, progress=self.progress and self.rank == 0,
                                    distributed=self.world_size > 1)
-        if self.rank:
-            return {f'sharpness_{k}': v for k, v in report.to_dict().items()}
-        _logger.info('Flatness after epoch %d: top Hessian eigenvalue %.4g (%s after %d iterations), m-sharpness %.4g '
-                     '(rho %g) on %d validation images, in %.1fs', epoch, report.top_eigenvalue,
-                     'converged' if report.eig_converged else 'not converged', report.eig_iterations,
-                     report.m_sharpness, self.rho, report.num_samples, time.perf_counter() - t0)
+        if self.rank == 0:
+            _logger.info('Flatness after epoch %d: top Hessian eigenvalue %.4g (%s after %d iterations), m-sharpness '
+                         '%.4g (rho %g) on %d validation images, in %.1fs', epoch, report.top_eigenvalue,
+                         'converged' if report.eig_converged else 'not converged', report.eig_iterations,
+                         report.m_sharpness, self.rho, report.num_samples, time.perf_counter() - t0)
         return {f'sharpness_{k}': v for k, v in report.to_dict().items()}
