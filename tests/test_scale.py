@@ -199,7 +199,7 @@ def test_flatness_is_measured_in_full_fp32_under_the_tf32_default(cuda_backend_f
 
 # ------------------------------------------------------------------ 3. no rank waits for another's probe
 
-def _spread_probe(rank, world_size, port, out):
+def _spread_probe(rank, world_size, port, out, one_rank_empty=False):
     import timm
     from data_helpers import gloo_group
     from esam_timm.sharpness import measure_sharpness
@@ -209,18 +209,21 @@ def _spread_probe(rank, world_size, port, out):
                 torch.arange(n) % 3) for i, n in enumerate((6, 4, 5))]
     with gloo_group(rank, world_size, port):
         mine = batches[rank::world_size]  # rank 0: batches 0 and 2, rank 1: batch 1
+        if one_rank_empty:  # fewer --sharpness-batches than processes: rank 1 holds none
+            mine = batches if rank == 0 else []
         report = measure_sharpness(model, mine, torch.nn.functional.cross_entropy, rho=0.05, eig_iters=8,
                                    trace_samples=3, seed=1, distributed=True)
     torch.save(report.to_dict(), f'{out}.{rank}')
 
 
-def test_a_distributed_probe_equals_one_process_on_all_batches(tmp_path):
+@pytest.mark.parametrize('one_rank_empty', [False, True])
+def test_a_distributed_probe_equals_one_process_on_all_batches(tmp_path, one_rank_empty):
     """Each rank measures its own batches, the ranks add up their parts: the same numbers as one process on
-    every batch (an independent run), on every rank."""
+    every batch (an independent run), on every rank; also when a rank holds no batch."""
     import timm
     from data_helpers import run_ranks
     from esam_timm.sharpness import measure_sharpness
-    run_ranks(_spread_probe, str(tmp_path / 'report'))
+    run_ranks(_spread_probe, str(tmp_path / 'report'), one_rank_empty, timeout=90)
     torch.manual_seed(0)
     model = timm.create_model('test_resnet', num_classes=3)
     batches = [(torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(i)),

@@ -116,14 +116,14 @@ def check_batches(batches: Sequence[Batch], distributed: bool = False) -> List[B
     """The batches as a list of (inputs, targets) pairs; refuses an empty set (on one rank; with
     ``distributed`` a rank may hold none, but not all of them) or a malformed entry."""
     out = list(batches)
-    if not out and (not distributed or total_samples(out, distributed) == 0):
-        raise ValueError('no batches given: pass a non-empty sequence of (inputs, targets) pairs')
     for i, batch in enumerate(out):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(torch.is_tensor(t) for t in batch):
             raise ValueError(f'batch {i} is {type(batch).__name__}, not an (inputs, targets) pair of tensors')
         if batch[0].shape[0] == 0 or batch[0].shape[0] != batch[1].shape[0]:
             raise ValueError(f'batch {i} holds {batch[0].shape[0]} inputs and {batch[1].shape[0]} targets: '
                              f'each batch needs the same positive number of both')
+    if total_samples(out, distributed) == 0:  # with distributed a collective, on every rank, also an empty one
+        raise ValueError('no batches given: pass a non-empty sequence of (inputs, targets) pairs')
     return out
 
 
