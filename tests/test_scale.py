@@ -17,6 +17,7 @@ import torch
 
 from data_helpers import write_identity_shards
 from esam_timm.data import create_train_loader, resolve_source
+from esam_timm.data.workers import leave_stop_signals_to_the_trainer
 from esam_timm.train import parse_args
 from esam_timm.train.builders import Launch, apply_speed_defaults, pick_device, resolve_pin_memory
 from esam_timm.train.checkpoint import BatchLayout, resume_position
@@ -61,6 +62,42 @@ def test_a_sigterm_from_outside_does_not_kill_the_loader_workers(tmp_path):
     rest = list(batches)
     assert 1 + len(rest) == len(loader) == 20
     assert first[0].shape == (2, 3, 16, 16)
+
+
+def _slow_worker_start(worker_id: int) -> None:
+    time.sleep(1.5)  # a loader's own worker_init_fn (timm's seeding, a dataset's set-up) that takes a while
+
+
+def test_a_stop_signal_while_a_worker_starts_waits_for_it(tmp_path):
+    """A SIGTERM or SIGINT that reaches a worker before its worker_init_fn has run (here: during a slow
+    one of the loader's own, as timm's loader has) is held until the worker ignores it, for a DataLoader
+    built elsewhere and for ours: the worker starts with both blocked."""
+    write_identity_shards(tmp_path, SIZES)
+    built_elsewhere = torch.utils.data.DataLoader(list(range(12)), batch_size=2, num_workers=2,
+                                                  worker_init_fn=_slow_worker_start)
+    leave_stop_signals_to_the_trainer(built_elsewhere)
+    ours = create_train_loader(resolve_source(str(tmp_path), 'train', num_samples=40), batch_size=2,
+                               img_size=16, num_workers=2, seed=3, shuffle_buffer=4, prefetch_factor=1)
+    ours.loader.worker_init_fn = _Then(_slow_worker_start, ours.loader.worker_init_fn)
+    for loader, expected in ((built_elsewhere, 6), (ours, 20)):
+        before = set(multiprocessing.active_children())
+        batches = iter(loader)
+        workers = [p for p in multiprocessing.active_children() if p not in before]
+        assert len(workers) == 2
+        for worker in workers:
+            subprocess.run(['kill', '-TERM', str(worker.pid)], check=True)
+            subprocess.run(['kill', '-INT', str(worker.pid)], check=True)
+        assert len(list(batches)) == expected
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()  # the trainer's own mask is back
+
+
+class _Then:
+    def __init__(self, first, then):
+        self.first, self.then = first, then
+
+    def __call__(self, worker_id: int) -> None:
+        self.first(worker_id)
+        self.then(worker_id)
 
 
 def _start_workers(loader):

@@ -44,7 +44,7 @@ from .decode import EncodedCrop, FastTrainTransform, image_member, jpeg_decoder,
 from .prefetch import LabelRangeError
 from .sources import INFO_NAME, ShardSource
 from .tar import ShardReadError, describe_error, read_shard
-from .workers import ignore_stop_signals
+from .workers import ignore_stop_signals, signals_held_context
 
 __all__ = ['DECODE_MODES', 'DEFAULT_IMAGE_KEY', 'DEFAULT_LABEL_KEY', 'WdsLoader', 'WdsTrainDataset', 'WdsValDataset', 'collate',
            'create_train_loader', 'create_val_loader']
@@ -471,7 +471,8 @@ class WdsLoader:
             dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             persistent_workers=persistent_workers and num_workers > 0,
-            worker_init_fn=ignore_stop_signals)  # the trainer alone answers SIGINT/SIGTERM (see .workers)
+            worker_init_fn=ignore_stop_signals,  # the trainer alone answers SIGINT/SIGTERM (see .workers)
+            multiprocessing_context=signals_held_context() if num_workers > 0 else None)
 
     def __len__(self) -> int:
         return self.num_batches
