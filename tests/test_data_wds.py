@@ -14,6 +14,7 @@ from data_helpers import (IMAGE_SIZE, decoded, gloo_group, run_ranks, truncate_a
                           write_identity_shards)
 from esam_timm.data import (
     BadDataError,
+    DataPipelineError,
     DevicePrefetcher,
     check_bad_fraction,
     create_train_loader,
@@ -152,11 +153,26 @@ def test_corrupt_jpeg_missing_label_and_truncated_shard_are_skipped_and_counted(
     assert report.bad_samples >= 2 and report.num_bad_shards == 1  # every shard is read at least once
 
 
-def test_all_bad_data_raises_instead_of_spinning(tmp_path):
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_all_bad_data_raises_instead_of_spinning(tmp_path, num_workers):
+    """A source that never decodes stops with one DataPipelineError naming the keys to check, also from a
+    worker (it used to surface as the worker's RuntimeError traceback)."""
     write_identity_shards(tmp_path, [3], overrides={i: {'jpg': b'junk'} for i in range(3)})
     loader = create_train_loader(resolve_source(str(tmp_path), 'train'), batch_size=2, img_size=16,
-                                 num_workers=0, seed=0, shuffle_buffer=2)
-    with pytest.raises(RuntimeError, match='bad samples in a row'):
+                                 num_workers=num_workers, seed=0, shuffle_buffer=2)
+    with pytest.raises(DataPipelineError, match=r"^1000 bad samples in a row .*check image_key=\['jpg', "):
+        list(loader)
+
+
+def test_shards_that_all_fail_to_open_raise_instead_of_spinning(tmp_path):
+    """Training shards that never give a sample (not tar files) stop a worker's endless resampling with one
+    DataPipelineError naming the last shard (it used to surface as the worker's RuntimeError traceback)."""
+    names = write_identity_shards(tmp_path, [2, 2])
+    for name in names:
+        (tmp_path / name).write_bytes(b'not a tar file' * 100)
+    loader = create_train_loader(resolve_source(str(tmp_path), 'train', num_samples=4), batch_size=2,
+                                 img_size=16, num_workers=2, seed=0, shuffle_buffer=2)
+    with pytest.raises(DataPipelineError, match=r'^10 shards in a row gave no samples \(last: .*data-train-000[01]\.tar\)'):
         list(loader)
 
 

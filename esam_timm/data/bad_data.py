@@ -55,9 +55,9 @@ def is_resource_failure(exc: BaseException) -> bool:
 
 
 class DataPipelineError(RuntimeError):
-    """The data pipeline cannot go on (out of memory, a CUDA fault, a decoder that fails on good data):
-    not bad data, so never counted against ``--max-bad-fraction``. The message is one line naming
-    where it happened and what to change."""
+    """The data pipeline cannot go on (out of memory, a CUDA fault, a decoder that fails on good data, a
+    source of which a thousand samples in a row fail: wrong keys): not some bad data, so never counted
+    against ``--max-bad-fraction``. The message is one line naming where it happened and what to change."""
 
 
 @dataclass

@@ -178,7 +178,8 @@ def _decode_samples(
     ``reader(sample, image_keys)`` gets the image (a PIL image by default); ``transform``, when not None,
     makes the batch item of it.
 
-    Raises RuntimeError after many failures in a row: that is a broken source or configuration;
+    Raises :class:`~esam_timm.data.bad_data.DataPipelineError` after many failures in a row: that is a
+    broken source or configuration, not some bad data;
     :class:`LabelRangeError` for a label outside ``[0, num_classes)``, naming the sample and its shard;
     and :class:`~esam_timm.data.bad_data.DataPipelineError` when the machine, not the sample, failed.
     """
@@ -200,10 +201,10 @@ def _decode_samples(
             tally.bad_sample(sample.get('__key__', '?'), sample.get('__url__', '?'), exc)
             failures += 1
             if failures >= _MAX_CONSECUTIVE_BAD_SAMPLES:
-                raise RuntimeError(
+                raise DataPipelineError(
                     f'{failures} bad samples in a row (last: {sample.get("__key__")!r} of '
-                    f'{sample.get("__url__")}: {exc!r}); check image_key={list(image_keys)} and '
-                    f'label_key={label_key!r}') from exc
+                    f'{sample.get("__url__")}: {exc!r}): a broken source or configuration, not some bad data; '
+                    f'check image_key={list(image_keys)} and label_key={label_key!r}') from exc
             continue
         if num_classes is not None and not 0 <= label < num_classes:
             raise LabelRangeError(
@@ -268,7 +269,8 @@ def _shard_stream(urls: Sequence[str], seed: int, epoch: int, stream: int, num_s
 
 def _samples_from_shards(urls: Iterable[str], tally: BadDataTally, lengths: Dict[str, int],
                          max_empty: int) -> Iterator[Dict[str, Any]]:
-    """Samples of the given shards in order; raises RuntimeError after ``max_empty`` empty shards in a row."""
+    """Samples of the given shards in order; raises :class:`~esam_timm.data.bad_data.DataPipelineError`
+    after ``max_empty`` empty shards in a row (a broken source, not some bad data)."""
     empty = 0
     for url in urls:
         count = 0
@@ -277,7 +279,7 @@ def _samples_from_shards(urls: Iterable[str], tally: BadDataTally, lengths: Dict
             yield sample
         empty = 0 if count else empty + 1
         if empty >= max_empty:
-            raise RuntimeError(f'{empty} shards in a row gave no samples (last: {url}); check the data source')
+            raise DataPipelineError(f'{empty} shards in a row gave no samples (last: {url}); check the data source')
 
 
 class _WdsDataset(IterableDataset):
