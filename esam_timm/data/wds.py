@@ -178,10 +178,9 @@ def _decode_samples(
     ``reader(sample, image_keys)`` gets the image (a PIL image by default); ``transform``, when not None,
     makes the batch item of it.
 
-    Raises :class:`~esam_timm.data.bad_data.DataPipelineError` after many failures in a row: that is a
-    broken source or configuration, not some bad data;
-    :class:`LabelRangeError` for a label outside ``[0, num_classes)``, naming the sample and its shard;
-    and :class:`~esam_timm.data.bad_data.DataPipelineError` when the machine, not the sample, failed.
+    Raises :class:`~esam_timm.data.bad_data.DataPipelineError` after many failures in a row (a broken
+    source or configuration, not some bad data) and when the machine, not the sample, failed; and
+    :class:`LabelRangeError` for a label outside ``[0, num_classes)``, naming the sample and its shard.
     """
     failures = 0
     for sample in samples:
