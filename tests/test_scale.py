@@ -55,9 +55,7 @@ def test_a_sigterm_from_outside_does_not_kill_the_loader_workers(tmp_path):
                                  img_size=16, num_workers=2, seed=3, shuffle_buffer=4, prefetch_factor=1)
     batches, first, workers = _start_workers(loader)
     assert len(workers) == 2
-    for worker in workers:  # sent by another process, as a scheduler does
-        subprocess.run(['kill', '-TERM', str(worker.pid)], check=True)
-        subprocess.run(['kill', '-INT', str(worker.pid)], check=True)
+    _signal_from_outside(workers)
     time.sleep(0.5)
     rest = list(batches)
     assert 1 + len(rest) == len(loader) == 20
@@ -78,26 +76,23 @@ def test_a_stop_signal_while_a_worker_starts_waits_for_it(tmp_path):
     leave_stop_signals_to_the_trainer(built_elsewhere)
     ours = create_train_loader(resolve_source(str(tmp_path), 'train', num_samples=40), batch_size=2,
                                img_size=16, num_workers=2, seed=3, shuffle_buffer=4, prefetch_factor=1)
-    ours.loader.worker_init_fn = _Then(_slow_worker_start, ours.loader.worker_init_fn)
+    ours.loader.worker_init_fn = _slow_worker_start
+    leave_stop_signals_to_the_trainer(ours.loader)  # the slow start, then ours; our loader's start context kept
     for loader, expected in ((built_elsewhere, 6), (ours, 20)):
         before = set(multiprocessing.active_children())
         batches = iter(loader)
         workers = [p for p in multiprocessing.active_children() if p not in before]
         assert len(workers) == 2
-        for worker in workers:
-            subprocess.run(['kill', '-TERM', str(worker.pid)], check=True)
-            subprocess.run(['kill', '-INT', str(worker.pid)], check=True)
+        _signal_from_outside(workers)
         assert len(list(batches)) == expected
     assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()  # the trainer's own mask is back
 
 
-class _Then:
-    def __init__(self, first, then):
-        self.first, self.then = first, then
-
-    def __call__(self, worker_id: int) -> None:
-        self.first(worker_id)
-        self.then(worker_id)
+def _signal_from_outside(workers) -> None:
+    """SIGTERM and SIGINT to each worker from another process, as a scheduler sends them."""
+    for worker in workers:
+        subprocess.run(['kill', '-TERM', str(worker.pid)], check=True)
+        subprocess.run(['kill', '-INT', str(worker.pid)], check=True)
 
 
 def _start_workers(loader):

@@ -45,28 +45,24 @@ def _exit_on_the_parents_sigterm(parent: int) -> None:
             os._exit(0)  # as PyTorch's worker handler does for its trainer's SIGTERM
 
 
-class _HeldForkProcess(ForkProcess):
-    """A fork-started process whose stop signals are blocked from its first instruction (the mask is
-    inherited through fork); the starting thread's own mask is restored at once."""
+class _StartsWithSignalsHeld:
+    """A process whose stop signals are blocked from its first instruction: the starting thread blocks them
+    while it starts the process (fork inherits the mask, exec keeps it), then restores its own mask."""
 
     def start(self) -> None:
-        _start_with_signals_held(super().start)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            super().start()  # type: ignore[misc]
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-class _HeldSpawnProcess(SpawnProcess):
-    """A spawn-started process whose stop signals are blocked from its first instruction (the mask is
-    kept through exec)."""
-
-    def start(self) -> None:
-        _start_with_signals_held(super().start)
+class _HeldForkProcess(_StartsWithSignalsHeld, ForkProcess):
+    pass
 
 
-def _start_with_signals_held(start: Callable[[], None]) -> None:
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+class _HeldSpawnProcess(_StartsWithSignalsHeld, SpawnProcess):
+    pass
 
 
 class _HeldForkContext(ForkContext):
