@@ -53,6 +53,8 @@ METHODS: Dict[str, Dict] = {
     'esam-trim(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='exact-trim'),
     'esam-bal(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='exact-balanced'),
     'esam-fo-bal(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='first-order-balanced'),
+    'esam-rel-bal(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='exact-relative-balanced'),
+    'esam-fo-rel-bal(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='first-order-relative-balanced'),
     'esam-fo-trim(0.5,0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=0.5, sds='first-order-trim'),
     'esam-swp-only(0.5)': dict(opt='esam', rho=0.05, beta=0.5, gamma=1.0),
     'esam-sds-only(0.5)': dict(opt='esam', rho=0.05, beta=1.0, gamma=0.5),
